@@ -1,0 +1,70 @@
+"""The Ray Serve application builder: `import_path: serve_app.app:build_app`.
+
+Config files hold only `args` (validated as AppConfig) and deployment options; everything
+the deployments need is derived here, so the two can't disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import AppConfig, load_config
+from serve_app.ingress import Ingress
+from serve_app.model_deployment import Text2ImageModel
+from serve_app.model_source import check_local_source
+
+logger = logging.getLogger("ray.serve")
+
+
+def model_deployment_options(config: AppConfig) -> dict[str, Any]:
+    replica = config.replica
+    actor_options: dict[str, Any] = {"num_cpus": replica.num_cpus}
+    if replica.num_gpus:
+        actor_options["num_gpus"] = replica.num_gpus
+    if replica.memory_gib:
+        actor_options["memory"] = int(replica.memory_gib * 1024**3)
+    if replica.resources:
+        actor_options["resources"] = dict(replica.resources)
+    options: dict[str, Any] = {
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": config.model_max_ongoing_requests,
+        "max_queued_requests": replica.max_queued_requests,
+        "user_config": config.batching_user_config,
+        # Loading and warming the real model takes minutes on a cold node.
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 120,
+    }
+    if replica.autoscaling is not None:
+        auto = replica.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": auto.min_replicas,
+            "initial_replicas": max(auto.min_replicas, 1),
+            "max_replicas": auto.max_replicas,
+            "target_ongoing_requests": auto.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s,
+            "downscale_delay_s": auto.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = replica.num_replicas
+    return options
+
+
+def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
+    ingress = config.ingress
+    return {
+        "num_replicas": ingress.num_replicas,
+        "ray_actor_options": {"num_cpus": ingress.num_cpus},
+        "max_ongoing_requests": ingress.max_ongoing_requests,
+        "max_queued_requests": ingress.max_queued_requests,
+    }
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = load_config(args)
+    check_local_source(config.model.source)
+    payload = config.model_dump(mode="json")
+    model = Text2ImageModel.options(**model_deployment_options(config)).bind(payload)
+    return Ingress.options(**ingress_deployment_options(config)).bind(model, payload)

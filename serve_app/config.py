@@ -1,0 +1,181 @@
+"""The one typed configuration of the application.
+
+`configs/*.yaml` carry it under `applications[].args`; `build_app` validates it before any
+deployment starts, so a typo fails `serve run` at once instead of inside a replica.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_TINY = "embedded:tiny-sdxl"
+SIZE_PATTERN = re.compile(r"^(\d{2,4})x(\d{2,4})$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'512x768' -> (width, height)."""
+    match = SIZE_PATTERN.match(size)
+    if match is None:
+        raise ValueError(f"size must look like '512x512', got {size!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 8 or height % 8:
+        raise ValueError(f"size must be a multiple of 8 on both sides, got {size!r}")
+    return width, height
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizationConfig(StrictModel):
+    """Speed levers for the CPU replica; each has an off switch (see BENCHMARKS.md)."""
+
+    channels_last: bool = True
+
+
+class ModelConfig(StrictModel):
+    # `embedded:tiny-sdxl` (random weights, generated offline), a hub id such as
+    # `stabilityai/sdxl-turbo`, or a local directory in diffusers format.
+    source: str = EMBEDDED_TINY
+    revision: str | None = None
+    # Where the embedded model is written; defaults to ~/.cache/sdxl-turbo-serve.
+    cache_dir: str | None = None
+    # bfloat16 on CPU. float16 is only valid with a GPU: on CPU it is ~1000x slower.
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    backend: Literal["auto", "ipex", "torch"] = "auto"
+    # Sizes compiled/warmed at start-up so the first real request pays no one-off cost.
+    warmup_sizes: list[str] = Field(default_factory=lambda: ["512x512"])
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    # Import path of the generator factory; tests inject a fake through it.
+    generator: str = "serve_app.pipeline:load_generator"
+    generator_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_parse(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            parse_size(size)
+        return sizes
+
+
+class BatchingConfig(StrictModel):
+    # Counts model calls; one call is one prompt with `batch` images.
+    max_batch_size: int = Field(default=4, ge=1, le=64)
+    # 0 means: run what is queued now. Under load the queue fills while the previous batch
+    # runs, so batches still form, and a lone request never waits for company.
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
+
+
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.min_replicas must be <= max_replicas")
+        return self
+
+
+class ReplicaConfig(StrictModel):
+    """The model replica: one pipeline per Ray actor."""
+
+    # Becomes ray_actor_options.num_cpus, and the replica sets torch threads to it.
+    num_cpus: int = Field(default=2, ge=1, le=512)
+    # >0 moves the replica to CUDA in float16.
+    num_gpus: float = Field(default=0, ge=0)
+    memory_gib: float | None = Field(default=None, gt=0)
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    # Defaults to max_batch_size: a lower value would stop batches from filling.
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    # Past this many waiting calls, clients get 503 with Retry-After.
+    max_queued_requests: int = Field(default=32, ge=1)
+    # Node labels for Ray's (soft) placement; Kubernetes pins pods with nodeSelector.
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class IngressConfig(StrictModel):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=256, ge=1)
+    # Overrides the scheme://host in image URLs (behind a proxy or a load balancer).
+    public_base_url: str | None = None
+    # A request that takes longer gets 504, never a hang.
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    retry_after_s: int = Field(default=5, ge=1)
+
+
+class StoreConfig(StrictModel):
+    # A local directory, or an fsspec URL (s3://bucket/prefix; oss:// through ossfs) that
+    # every ingress replica reaches, so image URLs work whichever replica serves them.
+    url: str = "/tmp/sd"
+    # Passed to fsspec (endpoint_url, region...). Credentials come from the environment.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    cleanup_interval_s: float = Field(default=600.0, gt=0)
+
+
+class LimitsConfig(StrictModel):
+    allowed_sizes: list[str] = Field(default_factory=lambda: ["512x512", "1024x1024"])
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_steps: int = Field(default=50, ge=1)
+    # number x batch
+    max_images_per_request: int = Field(default=16, ge=1)
+
+    @field_validator("allowed_sizes")
+    @classmethod
+    def _sizes_parse(cls, sizes: list[str]) -> list[str]:
+        if not sizes:
+            raise ValueError("allowed_sizes must not be empty")
+        for size in sizes:
+            parse_size(size)
+        return sizes
+
+
+class AppConfig(StrictModel):
+    app_name: str = "sdxl-turbo"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppConfig:
+        ongoing = self.replica.max_ongoing_requests
+        if ongoing is not None and ongoing < self.batching.max_batch_size:
+            raise ValueError(
+                f"replica.max_ongoing_requests ({ongoing}) must be >= "
+                f"batching.max_batch_size ({self.batching.max_batch_size}), "
+                "or batches can never fill"
+            )
+        if self.model.dtype == "float16" and self.replica.num_gpus == 0:
+            raise ValueError(
+                "model.dtype float16 needs a GPU (replica.num_gpus > 0); "
+                "on CPU use bfloat16"
+            )
+        for size in self.model.warmup_sizes:
+            if size not in self.limits.allowed_sizes:
+                raise ValueError(f"model.warmup_sizes has {size!r}, not in limits.allowed_sizes")
+        return self
+
+    @property
+    def model_max_ongoing_requests(self) -> int:
+        return self.replica.max_ongoing_requests or self.batching.max_batch_size
+
+    @property
+    def batching_user_config(self) -> dict[str, Any]:
+        return self.batching.model_dump()
+
+
+def load_config(args: dict[str, Any] | None) -> AppConfig:
+    return AppConfig.model_validate(args or {})

@@ -1,0 +1,95 @@
+"""Typed service errors and their one mapping to HTTP responses.
+
+Clients get a JSON body with a code, a message and, where it applies, the field or the
+request id. Never a stack trace: unexpected exceptions become `internal_error`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+
+class ServiceError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None,
+                 request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.request_id = request_id
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(ServiceError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    code = "not_found"
+
+
+class Overloaded(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int, request_id: str | None = None):
+        super().__init__(message, request_id=request_id)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    code = "not_ready"
+
+
+class GenerationTimeout(ServiceError):
+    status_code = 504
+    code = "timeout"
+
+
+class GenerationFailed(ServiceError):
+    status_code = 500
+    code = "generation_failed"
+
+
+def error_body(err: ServiceError) -> dict[str, Any]:
+    detail: dict[str, Any] = {"code": err.code, "message": err.message}
+    if err.field is not None:
+        detail["field"] = err.field
+    if err.request_id is not None:
+        detail["requestId"] = err.request_id
+    return {"status": "error", "error": detail}
+
+
+def to_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(error_body(err), status_code=err.status_code, headers=err.headers())
+
+
+def field_of(loc: tuple[Any, ...]) -> str:
+    """Pydantic error location -> dotted field name ('body' prefix dropped)."""
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) if parts else "body"

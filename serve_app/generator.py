@@ -1,0 +1,32 @@
+"""The small interface between a model replica and whatever makes the pixels.
+
+The replica only needs `info` and `generate`; tests of HTTP behaviour plug in a fake
+through `model.generator`, the real path loads diffusers (serve_app.pipeline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from serve_app.batching import GenerationItem
+
+
+class ImageGenerator(Protocol):
+    info: dict[str, Any]
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[list[np.ndarray]]:
+        """Items of one (width, height, steps) shape -> per item, `count` HxWx3 uint8."""
+        ...
+
+
+def load_factory(import_path: str):
+    """'package.module:function' -> the function."""
+    import importlib
+
+    module_name, _, attr = import_path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model.generator must be 'module:function', got {import_path!r}")
+    return getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,279 @@
+"""The HTTP ingress: validation, ids, fan-out to the model, PNG encoding, the image store.
+
+It imports no torch, diffusers or PIL: images arrive as uint8 arrays and are encoded here,
+so the model replica goes on to its next batch while the ingress writes PNGs.
+"""
+
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.responses import JSONResponse, Response
+
+from serve_app.batching import GenerationItem
+from serve_app.config import AppConfig, parse_size
+from serve_app.errors import (
+    GenerationFailed,
+    GenerationTimeout,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    field_of,
+    to_response,
+)
+from serve_app.imaging import encode_png, make_grid
+from serve_app.schemas import (
+    Text2ImageRequest,
+    Text2ImageResponse,
+)
+from serve_app.store import GRID_NAME, ImageStore, image_name
+
+logger = logging.getLogger("ray.serve")
+
+MAX_BODY_BYTES = 64 * 1024
+READY_PROBE_TIMEOUT_S = 3.0
+
+app = FastAPI(
+    title="SDXL-Turbo text-to-image",
+    version="0.1.0",
+    description="Text-to-image on CPU replicas; API compatible with stable-diffusion-ipex.",
+)
+
+
+@app.exception_handler(ServiceError)
+async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    return to_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    return to_response(InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    request_id = uuid.uuid4().hex
+    logger.exception("unhandled error, request %s", request_id)
+    return to_response(ServiceError("internal error", request_id=request_id))
+
+
+def parse_request(body: bytes, config: AppConfig) -> Text2ImageRequest:
+    """Raw body -> validated request. The Content-Type is ignored on purpose: `curl -d`
+    sends application/x-www-form-urlencoded and the reference docs use exactly that."""
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("body is not valid UTF-8", field="body") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc.msg}", field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object", field="body")
+    try:
+        request = Text2ImageRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))) from None
+    limits = config.limits
+    if request.size not in limits.allowed_sizes:
+        raise InvalidRequest(f"size must be one of {limits.allowed_sizes}", field="size")
+    if request.step > limits.max_steps:
+        raise InvalidRequest(f"step must be <= {limits.max_steps}", field="step")
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidRequest(f"prompt must be at most {limits.max_prompt_chars} characters",
+                             field="prompt")
+    if request.number * request.batch > limits.max_images_per_request:
+        raise InvalidRequest(
+            f"number x batch must be <= {limits.max_images_per_request}", field="number")
+    return request
+
+
+def plan_calls(request: Text2ImageRequest, seed: int) -> list[GenerationItem]:
+    """`number` model calls of `batch` images each: the reference service's loop shape.
+    Separate calls may land on separate replicas and in separate batches."""
+    width, height = parse_size(request.size)
+    return [
+        GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,
+                       seed=seed, call_index=i, count=request.batch)
+        for i in range(request.number)
+    ]
+
+
+_REQUEST_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": Text2ImageRequest.model_json_schema()}},
+    }
+}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, model: Any, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.model = model
+        store_cfg = self.config.store
+        self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
+        self._ready_info: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._cleaner = threading.Thread(target=self._cleanup_loop, name="store-cleanup",
+                                         daemon=True)
+        self._cleaner.start()
+
+    def _cleanup_loop(self) -> None:
+        cfg = self.config.store
+        while not self._stop.wait(cfg.cleanup_interval_s):
+            try:
+                self.store.cleanup(cfg.ttl_s)
+            except Exception:
+                logger.exception("image store cleanup failed; retrying next interval")
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    def _base_url(self, request: Request) -> str:
+        base = self.config.ingress.public_base_url or str(request.base_url)
+        return base.rstrip("/")
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self.model.info.remote(), READY_PROBE_TIMEOUT_S)
+            self._ready_info = info
+            busy = False
+        except (asyncio.TimeoutError, BackPressureError):
+            # Replicas that answered before and are now busy generating are still ready.
+            if self._ready_info is None:
+                return to_response(NotReady("model is loading"))
+            info, busy = self._ready_info, True
+        except Exception as exc:
+            logger.warning("readiness probe failed: %s", type(exc).__name__)
+            return to_response(NotReady("model is not available"))
+        return JSONResponse({
+            "status": "ready",
+            "busy": busy,
+            "model": info.get("model"),
+            "backend": info.get("backend"),
+            "dtype": info.get("dtype"),
+            "device": info.get("device"),
+            "threads": info.get("threads"),
+        })
+
+    @app.post(
+        "/api/text2image",
+        response_model=Text2ImageResponse,
+        openapi_extra=_REQUEST_BODY_SCHEMA,
+        responses={413: {}, 422: {}, 500: {}, 503: {}, 504: {}},
+    )
+    async def text2image(self, request: Request) -> JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
+        body = parse_request(await request.body(), self.config)
+        request_id = uuid.uuid4().hex
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        items = plan_calls(body, seed)
+
+        started = time.perf_counter()
+        results = await self._run_calls(items, request_id)
+        generation_s = time.perf_counter() - started
+
+        images = [result["images"] for result in results]
+        await self._store_images(request_id, images)
+        base = f"{self._base_url(request)}/images/{request_id}"
+        output = [
+            {"latencySeconds": round(result["latency_s"], 4), "url": f"{base}/{image_name(i, j)}"}
+            for i, result in enumerate(results)
+            for j in range(len(result["images"]))
+        ]
+        total = len(output)
+        logger.info("request %s: %d images %s %d steps in %.3fs", request_id, total, body.size,
+                    body.step, generation_s)
+        response = Text2ImageResponse.model_validate({
+            "id": request_id,
+            "averageImageGenerationTimeSeconds": round(generation_s / total, 4),
+            "generationTimeSeconds": round(generation_s, 4),
+            "meta": {"input": {
+                "batch": body.batch, "model": self.config.model.source, "number": body.number,
+                "prompt": body.prompt, "size": body.size, "step": body.step, "seed": seed,
+            }},
+            "output": output,
+            "gridUrl": f"{base}/{GRID_NAME}" if body.number > 1 else None,
+            "status": "success",
+        })
+        return JSONResponse(response.model_dump(), headers={"X-Request-ID": request_id})
+
+    async def _run_calls(self, items: list[GenerationItem],
+                         request_id: str) -> list[dict[str, Any]]:
+        async def one(item: GenerationItem) -> dict[str, Any]:
+            start = time.perf_counter()
+            result = await self.model.generate.remote(item.to_dict())
+            result["latency_s"] = time.perf_counter() - start
+            return result
+
+        tasks = [asyncio.ensure_future(one(item)) for item in items]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*tasks),
+                                             self.config.ingress.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise GenerationTimeout(
+                f"generation took longer than {self.config.ingress.request_timeout_s}s",
+                request_id=request_id) from None
+        except BackPressureError:
+            for task in tasks:
+                task.cancel()
+            raise Overloaded("all model replicas are busy and their queues are full",
+                             retry_after_s=self.config.ingress.retry_after_s,
+                             request_id=request_id) from None
+        except Exception as exc:
+            for task in tasks:
+                task.cancel()
+            logger.error("request %s: model call failed: %s", request_id, type(exc).__name__)
+            raise GenerationFailed("image generation failed", request_id=request_id) from None
+        for result in results:
+            if "error" in result:
+                logger.error("request %s: pipeline error %s", request_id, result["error"])
+                raise GenerationFailed("image generation failed", request_id=request_id)
+        return results
+
+    async def _store_images(self, request_id: str, images: list[list[Any]]) -> None:
+        def encode_and_put(name: str, pixels: Any) -> None:
+            self.store.put(request_id, name, encode_png(pixels))
+
+        jobs = [
+            asyncio.to_thread(encode_and_put, image_name(i, j), pixels)
+            for i, call_images in enumerate(images)
+            for j, pixels in enumerate(call_images)
+        ]
+        if len(images) > 1:
+            flat = [pixels for call_images in images for pixels in call_images]
+            jobs.append(asyncio.to_thread(lambda: encode_and_put(GRID_NAME, make_grid(flat))))
+        await asyncio.gather(*jobs)
+
+    @app.get("/images/{image_id}/{name}", responses={404: {}})
+    async def image(self, image_id: str, name: str) -> Response:
+        data = await asyncio.to_thread(self.store.get, image_id, name)
+        return Response(data, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,83 @@
+"""The model replica: a Ray Serve deployment that batches calls into pipeline runs.
+
+torch and diffusers are imported inside the replica only (by the generator factory), so
+importing this module to build the application stays light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+
+from serve_app.batching import GenerationItem, group_by_shape, scatter
+from serve_app.config import AppConfig, BatchingConfig
+from serve_app.generator import ImageGenerator, load_factory
+
+logger = logging.getLogger("ray.serve")
+
+BATCH_HISTORY = 256
+
+
+@serve.deployment(name="Text2ImageModel")
+class Text2ImageModel:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        started = time.perf_counter()
+        factory = load_factory(self.config.model.generator)
+        self.generator: ImageGenerator = factory(self.config)
+        self.generator.info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+        # One worker thread: pipeline calls run one at a time, off the event loop, so the
+        # replica keeps accepting calls (which queue up into the next batch) meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
+        self._pipeline_calls = 0
+        logger.info("model replica ready in %.2fs: %s", time.perf_counter() - started,
+                    self.generator.info)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        batching = BatchingConfig.model_validate(user_config)
+        self._generate_batch.set_max_batch_size(batching.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        logger.info("batching set to %s", batching.model_dump())
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.generator.info)
+
+    def stats(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self._batch_sizes), "pipeline_calls": self._pipeline_calls}
+
+    async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One call: `count` images of one prompt. Returns images as HxWx3 uint8 arrays."""
+        return await self._generate_batch(GenerationItem.from_dict(item))
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
+    async def _generate_batch(self, items: list[GenerationItem]) -> list[dict[str, Any]]:
+        self._batch_sizes.append(len(items))
+        loop = asyncio.get_running_loop()
+        groups = group_by_shape(items)
+        results = []
+        for group in groups:
+            members = [items[i] for i in group.indices]
+            start = time.perf_counter()
+            self._pipeline_calls += 1
+            try:
+                images = await loop.run_in_executor(self._executor, self.generator.generate,
+                                                    members)
+            except Exception as exc:
+                # One shape failing must not fail the other shapes in the batch.
+                logger.exception("pipeline call failed for shape %s", group.key)
+                results.append([{"error": f"{type(exc).__name__}"}] * len(members))
+                continue
+            elapsed = time.perf_counter() - start
+            results.append([
+                {"images": imgs, "pipeline_s": elapsed, "batch_size": len(items)}
+                for imgs in images
+            ])
+        return scatter(groups, results, len(items))

@@ -1,0 +1,111 @@
+"""The real generator: SDXL-Turbo through diffusers, bfloat16 on CPU (float16 on CUDA)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve_app.backend import apply_ipex, select_backend
+from serve_app.batching import GenerationItem, flatten_group, split_images
+from serve_app.config import AppConfig, parse_size
+from serve_app.model_source import resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8."""
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+class DiffusersGenerator:
+    def __init__(self, pipe: Any, *, device: str, dtype: torch.dtype, info: dict[str, Any]):
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        self.info = info
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[list[np.ndarray]]:
+        first = items[0]
+        if any(item.shape_key != first.shape_key for item in items):
+            raise ValueError("generate() takes items of one shape; group them first")
+        prompts, seeds = flatten_group(items)
+        # One generator per image, so an image depends on its seed, not on its batch-mates.
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        with torch.inference_mode():
+            images = self.pipe(
+                prompt=prompts,
+                num_inference_steps=first.steps,
+                guidance_scale=0.0,  # SDXL-Turbo is trained without classifier-free guidance
+                width=first.width,
+                height=first.height,
+                generator=generators,
+                output_type="pt",
+            ).images
+        return split_images(items, list(_to_uint8(images)))
+
+    def warmup(self, sizes: Sequence[str]) -> None:
+        for size in sizes:
+            width, height = parse_size(size)
+            start = time.perf_counter()
+            self.generate([GenerationItem("warm-up", width, height, steps=2, seed=0)])
+            logger.info("warm-up %s: %.2fs", size, time.perf_counter() - start)
+
+
+def load_generator(config: AppConfig) -> DiffusersGenerator:
+    from diffusers import StableDiffusionXLPipeline
+
+    model_cfg = config.model
+    # Threads follow the replica's CPU count, not the host's core count.
+    torch.set_num_threads(config.replica.num_cpus)
+    device = "cuda" if config.replica.num_gpus > 0 else "cpu"
+    dtype_name = "float16" if device == "cuda" and model_cfg.dtype == "bfloat16" else model_cfg.dtype
+    if device == "cpu" and dtype_name == "float16":
+        raise ValueError("float16 on CPU is ~1000x slower than bfloat16: use bfloat16")
+    dtype = DTYPES[dtype_name]
+
+    started = time.perf_counter()
+    model_dir = resolve_model_dir(model_cfg.source, model_cfg.revision, model_cfg.cache_dir)
+    logger.info("model files at %s (%.2fs)", model_dir, time.perf_counter() - started)
+
+    stage = time.perf_counter()
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    logger.info("pipeline loaded in %.2fs", time.perf_counter() - stage)
+
+    backend = select_backend(model_cfg.backend, torch.__version__, device=device)
+    stage = time.perf_counter()
+    if device == "cpu":
+        from serve_app.optimize import optimize_pipeline
+
+        applied = optimize_pipeline(pipe, model_cfg.optimization)
+    else:
+        applied = []
+    apply_ipex(backend, pipe, dtype)
+    logger.info("backend %s (%s), optimisations %s, in %.2fs", backend.name, backend.reason,
+                applied, time.perf_counter() - stage)
+
+    info = {
+        "model": model_cfg.source,
+        "backend": backend.name,
+        "backend_reason": backend.reason,
+        "dtype": dtype_name,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "optimizations": applied,
+    }
+    generator = DiffusersGenerator(pipe, device=device, dtype=dtype, info=info)
+    stage = time.perf_counter()
+    generator.warmup(model_cfg.warmup_sizes)
+    logger.info("model ready in %.2fs total (warm-up %.2fs)", time.perf_counter() - started,
+                time.perf_counter() - stage)
+    return generator

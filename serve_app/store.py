@@ -1,0 +1,105 @@
+"""The image store: `<root>/<id>/<i>_<j>.png` and `<root>/<id>/image_grid.png`.
+
+A local directory by default; any fsspec URL (s3://, oss:// through ossfs) in clusters,
+so that every ingress replica serves every image.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import time
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from serve_app.errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+# uuid4 hex. Anything else (.., encoded slashes, absolute paths) never reaches the store.
+IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+IMAGE_NAME = re.compile(r"^(?:\d{1,3}_\d{1,3}|image_grid)\.png$")
+GRID_NAME = "image_grid.png"
+
+
+def image_name(call_index: int, image_index: int) -> str:
+    return f"{call_index}_{image_index}.png"
+
+
+def is_valid_key(image_id: str, name: str) -> bool:
+    return bool(IMAGE_ID.match(image_id)) and bool(IMAGE_NAME.match(name))
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+class ImageStore:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.fs: fsspec.AbstractFileSystem
+        self.fs, self.root = url_to_fs(url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        # Object stores have no directories; a local disk needs them made.
+        self._local = "file" in self.fs.protocol
+        if self._local:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def _path(self, image_id: str, name: str) -> str:
+        if not is_valid_key(image_id, name):
+            raise NotFound("image not found")
+        return f"{self.root}/{image_id}/{name}"
+
+    def put(self, image_id: str, name: str, data: bytes) -> None:
+        path = self._path(image_id, name)
+        if self._local:
+            self.fs.makedirs(f"{self.root}/{image_id}", exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def get(self, image_id: str, name: str) -> bytes:
+        path = self._path(image_id, name)
+        try:
+            return self.fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound("image not found") from None
+
+    def cleanup(self, ttl_s: float, now: float | None = None) -> int:
+        """Delete every id whose newest file is older than ttl_s. Returns ids deleted."""
+        now = time.time() if now is None else now
+        self.fs.invalidate_cache()
+        try:
+            files = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return 0
+        newest: dict[str, float] = {}
+        for path, info in files.items():
+            rel = path[len(self.root):].lstrip("/") if path.startswith(self.root) else path
+            image_id = rel.split("/", 1)[0]
+            if not IMAGE_ID.match(image_id):
+                continue
+            mtime = _mtime(info)
+            if mtime is None:
+                continue
+            newest[image_id] = max(newest.get(image_id, 0.0), mtime)
+        expired = [image_id for image_id, mtime in newest.items() if now - mtime > ttl_s]
+        for image_id in expired:
+            try:
+                self.fs.rm(f"{self.root}/{image_id}", recursive=True)
+            except FileNotFoundError:
+                pass  # another ingress replica got there first
+        if expired:
+            logger.info("image store cleanup: deleted %d expired ids", len(expired))
+        return len(expired)

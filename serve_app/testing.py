@@ -1,0 +1,43 @@
+"""A fake generator for tests of HTTP, batching and errors without diffusers.
+
+It lives in the package (not tests/) so Ray replicas can import it by path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from serve_app.batching import GenerationItem
+
+FAIL_PROMPT = "__fail__"
+
+
+class FakeGenerator:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.info: dict[str, Any] = {
+            "model": "fake", "backend": "fake", "dtype": "uint8", "device": "cpu",
+            "threads": 1,
+        }
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[list[np.ndarray]]:
+        if any(item.prompt == FAIL_PROMPT for item in items):
+            raise RuntimeError("fake generator failure (internal detail that must not leak)")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out = []
+        for item in items:
+            images = []
+            for seed in item.image_seeds():
+                rng = np.random.default_rng(seed)
+                images.append(rng.integers(0, 256, (item.height, item.width, 3), dtype=np.uint8))
+            out.append(images)
+        return out
+
+
+def load_fake_generator(config: Any) -> FakeGenerator:
+    return FakeGenerator(**config.model.generator_options)
