@@ -67,7 +67,10 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     # Threads follow the replica's CPU count, not the host's core count.
     torch.set_num_threads(config.replica.num_cpus)
     device = "cuda" if config.replica.num_gpus > 0 else "cpu"
-    dtype_name = "float16" if device == "cuda" and model_cfg.dtype == "bfloat16" else model_cfg.dtype
+    # GPUs run SDXL in float16; bfloat16 is the CPU dtype.
+    dtype_name = model_cfg.dtype
+    if device == "cuda" and dtype_name == "bfloat16":
+        dtype_name = "float16"
     if device == "cpu" and dtype_name == "float16":
         raise ValueError("float16 on CPU is ~1000x slower than bfloat16: use bfloat16")
     dtype = DTYPES[dtype_name]

@@ -1,0 +1,108 @@
+"""Real Ray Serve on loopback: one local Ray instance for the session, apps per fixture."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+REFERENCE_PROMPT = "A panda listening to music with headphones. highly detailed, 8k."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Logical CPUs: several apps share this small machine; replicas still set their threads.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(name: str, route_prefix: str, args: dict) -> None:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+
+
+def fake_args(store_dir, **overrides) -> dict:
+    args = {
+        "model": {"source": "fake", "generator": "serve_app.testing:load_fake_generator",
+                  "warmup_sizes": []},
+        "replica": {"num_cpus": 1},
+        "ingress": {"num_cpus": 0.1},
+        "store": {"url": str(store_dir)},
+    }
+    for key, value in overrides.items():
+        args[key] = {**args.get(key, {}), **value}
+    return args
+
+
+@pytest.fixture(scope="session")
+def tiny_app(serve_url, tmp_path_factory):
+    """The real diffusers pipeline with the embedded tiny model."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    store = tmp_path_factory.mktemp("images")
+    deploy("tiny", "/", {
+        "model": {"cache_dir": str(cache)},
+        "replica": {"num_cpus": 2},
+        "batching": {"max_batch_size": 8},
+        "ingress": {"num_cpus": 0.1},
+        "store": {"url": str(store)},
+    })
+    return serve_url
+
+
+@pytest.fixture(scope="session")
+def fake_app(serve_url, tmp_path_factory):
+    deploy("fake", "/fake", fake_args(tmp_path_factory.mktemp("fake-images")))
+    return f"{serve_url}/fake"
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3-compatible server on loopback (moto's server mode)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def post(url: str, body: dict, **kwargs) -> httpx.Response:
+    import json
+
+    # Exactly what `curl -d '{...}'` sends: a JSON body labelled as a form.
+    return httpx.post(f"{url}/api/text2image", content=json.dumps(body),
+                      headers={"Content-Type": "application/x-www-form-urlencoded"},
+                      timeout=kwargs.pop("timeout", 120), **kwargs)

@@ -1,0 +1,36 @@
+"""Images in an S3-compatible store (moto server on loopback), served by any ingress."""
+
+import boto3
+import httpx
+import pytest
+
+from tests.integration.conftest import deploy, fake_args, post
+
+pytestmark = pytest.mark.integration
+
+
+def test_images_live_in_the_bucket_and_every_ingress_replica_serves_them(serve_url, moto_s3,
+                                                                         tmp_path):
+    s3 = boto3.client("s3", endpoint_url=moto_s3, aws_access_key_id="test",
+                      aws_secret_access_key="test", region_name="us-east-1")
+    s3.create_bucket(Bucket="sd-images")
+    deploy("s3", "/s3", fake_args(
+        tmp_path,
+        ingress={"num_replicas": 2},
+        store={"url": "s3://sd-images/images",
+               "storage_options": {"endpoint_url": moto_s3, "key": "test", "secret": "test"}},
+    ))
+    url = f"{serve_url}/s3"
+    body = post(url, {"prompt": "p", "number": 2}).json()
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="sd-images")["Contents"])
+    assert keys == [f"images/{body['id']}/{name}"
+                    for name in ("0_0.png", "1_0.png", "image_grid.png")]
+    stored = s3.get_object(Bucket="sd-images", Key=f"images/{body['id']}/0_0.png")["Body"].read()
+    # Requests spread over both ingress replicas; each must find the image in the bucket.
+    fetched = [httpx.get(body["output"][0]["url"]) for _ in range(12)]
+    assert {r.status_code for r in fetched} == {200}
+    assert {r.content for r in fetched} == {stored}
+    assert httpx.get(f"{url}/images/{'0' * 32}/0_0.png").status_code == 404
+    from ray import serve
+
+    serve.delete("s3")

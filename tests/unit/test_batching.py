@@ -1,0 +1,61 @@
+import pytest
+
+from serve_app.batching import (
+    GenerationItem,
+    flatten_group,
+    group_by_shape,
+    image_seed,
+    scatter,
+    split_images,
+)
+
+
+def item(prompt="p", size=512, steps=4, seed=1, call_index=0, count=1):
+    return GenerationItem(prompt, size, size, steps, seed, call_index, count)
+
+
+def test_group_by_shape_keeps_arrival_order():
+    items = [item(size=512), item(size=1024), item(size=512, steps=1), item(size=512),
+             item(size=1024)]
+    groups = group_by_shape(items)
+    assert [(g.key, g.indices) for g in groups] == [
+        ((512, 512, 4), (0, 3)),
+        ((1024, 1024, 4), (1, 4)),
+        ((512, 512, 1), (2,)),
+    ]
+
+
+def test_scatter_puts_results_back_in_place():
+    items = [item(size=512), item(size=1024), item(size=512)]
+    groups = group_by_shape(items)
+    assert scatter(groups, [["a0", "a2"], ["b1"]], 3) == ["a0", "b1", "a2"]
+
+
+def test_scatter_rejects_wrong_counts():
+    groups = group_by_shape([item(), item()])
+    with pytest.raises(ValueError, match="2 items but 1 results"):
+        scatter(groups, [["only"]], 2)
+    with pytest.raises(ValueError, match="1 groups but 2 results"):
+        scatter(groups, [["a", "b"], ["c"]], 2)
+
+
+def test_flatten_and_split_round_trip():
+    items = [item(prompt="a", count=2), item(prompt="b", count=1, seed=9)]
+    prompts, seeds = flatten_group(items)
+    assert prompts == ["a", "a", "b"]
+    assert seeds == [image_seed(1, 0, 0), image_seed(1, 0, 1), image_seed(9, 0, 0)]
+    assert split_images(items, ["x0", "x1", "y0"]) == [["x0", "x1"], ["y0"]]
+    with pytest.raises(ValueError, match="expected 3 images, got 2"):
+        split_images(items, ["x0", "x1"])
+
+
+def test_image_seeds_are_stable_and_distinct():
+    assert image_seed(42, 0, 0) == image_seed(42, 0, 0)
+    seeds = {image_seed(s, i, j) for s in range(4) for i in range(3) for j in range(3)}
+    assert len(seeds) == 36
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_item_round_trips_through_dict():
+    original = item(prompt="x", call_index=2, count=3)
+    assert GenerationItem.from_dict(original.to_dict()) == original

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.app import ingress_deployment_options, model_deployment_options
+from serve_app.config import AppConfig, parse_size
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_local_quick_start():
+    config = AppConfig()
+    assert config.model.source == "embedded:tiny-sdxl"
+    assert config.model.dtype == "bfloat16"
+    assert config.store.url == "/tmp/sd"
+    assert config.batching.batch_wait_timeout_s == 0.0
+    assert config.model_max_ongoing_requests == config.batching.max_batch_size == 4
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValidationError) as info:
+        AppConfig.model_validate({"batching": {"max_batch": 8}})
+    assert info.value.errors()[0]["loc"] == ("batching", "max_batch")
+
+
+def test_max_ongoing_below_batch_size_is_rejected():
+    with pytest.raises(ValidationError, match="must be >= batching.max_batch_size"):
+        AppConfig.model_validate(
+            {"batching": {"max_batch_size": 8}, "replica": {"max_ongoing_requests": 4}})
+
+
+def test_float16_without_gpu_is_rejected():
+    with pytest.raises(ValidationError, match="float16 needs a GPU"):
+        AppConfig.model_validate({"model": {"dtype": "float16"}})
+    config = AppConfig.model_validate(
+        {"model": {"dtype": "float16"}, "replica": {"num_gpus": 1}})
+    assert config.model.dtype == "float16"
+
+
+def test_warmup_sizes_must_be_allowed_sizes():
+    with pytest.raises(ValidationError, match="not in limits.allowed_sizes"):
+        AppConfig.model_validate({"model": {"warmup_sizes": ["768x768"]}})
+
+
+@pytest.mark.parametrize("size,expected", [("512x512", (512, 512)), ("1024x768", (1024, 768))])
+def test_parse_size(size, expected):
+    assert parse_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["512", "512x513", "ax512", "512X512"])
+def test_parse_size_rejects(size):
+    with pytest.raises(ValueError):
+        parse_size(size)
+
+
+def test_model_options_follow_the_config():
+    config = AppConfig.model_validate({
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "replica": {"num_cpus": 14, "memory_gib": 20, "max_queued_requests": 10,
+                    "autoscaling": {"min_replicas": 0, "max_replicas": 3}},
+    })
+    options = model_deployment_options(config)
+    assert options["ray_actor_options"] == {"num_cpus": 14, "memory": 20 * 1024**3}
+    assert options["max_ongoing_requests"] == 8
+    assert options["max_queued_requests"] == 10
+    assert options["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+    assert options["autoscaling_config"]["min_replicas"] == 0
+    assert options["autoscaling_config"]["initial_replicas"] == 1
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert "num_replicas" not in options
+
+
+def test_ingress_options():
+    options = ingress_deployment_options(AppConfig.model_validate(
+        {"ingress": {"num_replicas": 3, "num_cpus": 0.25}}))
+    assert options["num_replicas"] == 3
+    assert options["ray_actor_options"] == {"num_cpus": 0.25}
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"local.yaml", "production.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_validates(path):
+    document = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(document)
+    for application in document["applications"]:
+        assert application["import_path"] == "serve_app.app:build_app"
+        # Deployment options are derived from args by build_app; a config that also sets
+        # them in `deployments:` could silently disagree.
+        assert "deployments" not in application
+        config = AppConfig.model_validate(application["args"])
+        assert config.model_max_ongoing_requests >= config.batching.max_batch_size

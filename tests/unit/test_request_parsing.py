@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from serve_app.config import AppConfig
+from serve_app.errors import InvalidRequest, PayloadTooLarge
+from serve_app.ingress import MAX_BODY_BYTES, parse_request, plan_calls
+
+CONFIG = AppConfig()
+REFERENCE = {"prompt": "A panda listening to music with headphones. highly detailed, 8k.",
+             "number": 1}
+
+
+def parse(data):
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return parse_request(raw, CONFIG)
+
+
+def rejected_field(data):
+    with pytest.raises(InvalidRequest) as info:
+        parse(data)
+    assert info.value.status_code == 422
+    return info.value.field
+
+
+def test_reference_request_gets_defaults():
+    request = parse(REFERENCE)
+    assert (request.number, request.size, request.step, request.batch, request.seed) == (
+        1, "512x512", 4, 1, None)
+
+
+@pytest.mark.parametrize("data,field", [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "a\x00b"}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x" * 2001}, "prompt"),
+    ({"prompt": "p", "size": "640x640"}, "size"),
+    ({"prompt": "p", "size": 512}, "size"),
+    ({"prompt": "p", "step": 0}, "step"),
+    ({"prompt": "p", "step": 51}, "step"),
+    ({"prompt": "p", "step": "4"}, "step"),
+    ({"prompt": "p", "step": 2.5}, "step"),
+    ({"prompt": "p", "step": True}, "step"),
+    ({"prompt": "p", "number": 0}, "number"),
+    ({"prompt": "p", "batch": -1}, "batch"),
+    ({"prompt": "p", "number": 4, "batch": 5}, "number"),
+    ({"prompt": "p", "seed": -1}, "seed"),
+    ({"prompt": "p", "steps": 4}, "steps"),
+])
+def test_bad_fields_are_named(data, field):
+    assert rejected_field(data) == field
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"", "not valid JSON"),
+])
+def test_bad_bodies(raw, message):
+    with pytest.raises(InvalidRequest, match=message) as info:
+        parse(raw)
+    assert info.value.field == "body"
+
+
+def test_oversized_body():
+    with pytest.raises(PayloadTooLarge) as info:
+        parse(b" " * (MAX_BODY_BYTES + 1))
+    assert info.value.status_code == 413
+
+
+def test_plan_calls_one_call_per_number():
+    request = parse({"prompt": "p", "number": 3, "batch": 2, "size": "1024x1024", "step": 2})
+    calls = plan_calls(request, seed=7)
+    assert [(c.call_index, c.count, c.width, c.height, c.steps, c.seed) for c in calls] == [
+        (0, 2, 1024, 1024, 2, 7), (1, 2, 1024, 1024, 2, 7), (2, 2, 1024, 1024, 2, 7)]
