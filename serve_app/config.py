@@ -140,6 +140,18 @@ class LimitsConfig(StrictModel):
         return sizes
 
 
+class SecurityConfig(StrictModel):
+    # Name of the environment variable holding comma-separated API keys (bearer tokens).
+    # Keys never go in config files; unset means no authentication.
+    api_keys_env: str | None = None
+    # Image URLs are unguessable (uuid4) capability URLs; set this to require the key there too.
+    protect_images: bool = False
+    # Confidential mode: refuse to start outside an Intel TDX guest.
+    require_tee: bool = False
+    # Import path of the TEE probe (a function returning "tdx" or None); tests replace it.
+    tee_probe: str = "serve_app.tee:detect_tee"
+
+
 class AppConfig(StrictModel):
     app_name: str = "sdxl-turbo"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -148,6 +160,7 @@ class AppConfig(StrictModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

@@ -18,9 +18,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response
 
+from serve_app.auth import ApiKeys
 from serve_app.batching import GenerationItem
 from serve_app.config import AppConfig, parse_size
 from serve_app.errors import (
@@ -40,11 +42,15 @@ from serve_app.schemas import (
     Text2ImageResponse,
 )
 from serve_app.store import GRID_NAME, ImageStore, image_name
+from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 64 * 1024
 READY_PROBE_TIMEOUT_S = 3.0
+# A call whose replica died is sent again (to a live replica): seeded generation is
+# idempotent, so the client gets its images instead of an error.
+REPLICA_LOST_RETRIES = 2
 
 app = FastAPI(
     title="SDXL-Turbo text-to-image",
@@ -129,6 +135,9 @@ _REQUEST_BODY_SCHEMA = {
 class Ingress:
     def __init__(self, model: Any, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
+        security = self.config.security
+        self.tee = check_tee(security.require_tee, security.tee_probe)
+        self.api_keys = ApiKeys.from_env(security.api_keys_env)
         self.model = model
         store_cfg = self.config.store
         self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
@@ -148,6 +157,11 @@ class Ingress:
 
     def __del__(self) -> None:
         self._stop.set()
+
+    def _authorize(self, request: Request, *, image: bool = False) -> None:
+        if self.api_keys is None or (image and not self.config.security.protect_images):
+            return
+        self.api_keys.check(request.headers.get("authorization"))
 
     def _base_url(self, request: Request) -> str:
         base = self.config.ingress.public_base_url or str(request.base_url)
@@ -179,6 +193,7 @@ class Ingress:
             "dtype": info.get("dtype"),
             "device": info.get("device"),
             "threads": info.get("threads"),
+            "tee": info.get("tee"),
         })
 
     @app.post(
@@ -188,6 +203,7 @@ class Ingress:
         responses={413: {}, 422: {}, 500: {}, 503: {}, 504: {}},
     )
     async def text2image(self, request: Request) -> JSONResponse:
+        self._authorize(request)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
@@ -229,7 +245,15 @@ class Ingress:
                          request_id: str) -> list[dict[str, Any]]:
         async def one(item: GenerationItem) -> dict[str, Any]:
             start = time.perf_counter()
-            result = await self.model.generate.remote(item.to_dict())
+            for attempt in range(REPLICA_LOST_RETRIES + 1):
+                try:
+                    result = await self.model.generate.remote(item.to_dict())
+                    break
+                except (RayActorError, ActorUnavailableError):
+                    if attempt == REPLICA_LOST_RETRIES:
+                        raise
+                    logger.warning("request %s: model replica lost, retrying call %d",
+                                   request_id, item.call_index)
             result["latency_s"] = time.perf_counter() - start
             return result
 
@@ -273,7 +297,8 @@ class Ingress:
         await asyncio.gather(*jobs)
 
     @app.get("/images/{image_id}/{name}", responses={404: {}})
-    async def image(self, image_id: str, name: str) -> Response:
+    async def image(self, image_id: str, name: str, request: Request) -> Response:
+        self._authorize(request, image=True)
         data = await asyncio.to_thread(self.store.get, image_id, name)
         return Response(data, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})

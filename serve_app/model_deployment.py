@@ -19,6 +19,7 @@ from ray import serve
 from serve_app.batching import GenerationItem, group_by_shape, scatter
 from serve_app.config import AppConfig, BatchingConfig
 from serve_app.generator import ImageGenerator, load_factory
+from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
 
@@ -29,10 +30,14 @@ BATCH_HISTORY = 256
 class Text2ImageModel:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
+        security = self.config.security
+        # Prompts and pixels live here: in confidential mode this process must be in a TEE.
+        tee = check_tee(security.require_tee, security.tee_probe)
         started = time.perf_counter()
         factory = load_factory(self.config.model.generator)
         self.generator: ImageGenerator = factory(self.config)
         self.generator.info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+        self.generator.info["tee"] = tee
         # One worker thread: pipeline calls run one at a time, off the event loop, so the
         # replica keeps accepting calls (which queue up into the next batch) meanwhile.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")

@@ -41,3 +41,11 @@ class FakeGenerator:
 
 def load_fake_generator(config: Any) -> FakeGenerator:
     return FakeGenerator(**config.model.generator_options)
+
+
+def tee_present() -> str:
+    return "tdx"
+
+
+def tee_absent() -> None:
+    return None

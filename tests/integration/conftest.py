@@ -10,6 +10,8 @@ import httpx
 import pytest
 
 REFERENCE_PROMPT = "A panda listening to music with headphones. highly detailed, 8k."
+API_KEYS_ENV = "SDXL_TEST_API_KEYS"
+API_KEYS = ("key-one-7f3a", "key-two-91bc")
 
 
 def free_port() -> int:
@@ -24,6 +26,8 @@ def serve_url():
     from ray import serve
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The test cluster's environment, as a pod's env would carry it (never a config file).
+    os.environ[API_KEYS_ENV] = ",".join(API_KEYS)
     # Logical CPUs: several apps share this small machine; replicas still set their threads.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
@@ -103,6 +107,7 @@ def post(url: str, body: dict, **kwargs) -> httpx.Response:
     import json
 
     # Exactly what `curl -d '{...}'` sends: a JSON body labelled as a form.
-    return httpx.post(f"{url}/api/text2image", content=json.dumps(body),
-                      headers={"Content-Type": "application/x-www-form-urlencoded"},
+    headers = {"Content-Type": "application/x-www-form-urlencoded",
+               **kwargs.pop("headers", {})}
+    return httpx.post(f"{url}/api/text2image", content=json.dumps(body), headers=headers,
                       timeout=kwargs.pop("timeout", 120), **kwargs)

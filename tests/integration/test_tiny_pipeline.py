@@ -128,5 +128,5 @@ def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
     assert response.status_code == 200
     assert response.json() == {
         "status": "ready", "busy": False, "model": "embedded:tiny-sdxl", "backend": "torch",
-        "dtype": "bfloat16", "device": "cpu", "threads": 2}
+        "dtype": "bfloat16", "device": "cpu", "threads": 2, "tee": None}
     assert httpx.get(f"{tiny_app}/healthz").json() == {"status": "ok"}
