@@ -34,6 +34,16 @@ class OptimizationConfig(StrictModel):
     """Speed levers for the CPU replica; each has an off switch (see BENCHMARKS.md)."""
 
     channels_last: bool = True
+    # oneDNN-prepacked weights for nn.Linear / nn.Conv2d (serve_app/optimize.py).
+    prepack_linear: bool = True
+    prepack_conv: bool = True
+    # GEGLU as two GEMMs with GELU and multiply fused in; fused self-attention q/k/v.
+    fuse_geglu: bool = True
+    fuse_attention: bool = True
+    # LRU cache of prompt embeddings (entries); 0 turns it off.
+    prompt_cache_size: int = Field(default=64, ge=0)
+    # Opt-in: local directory of an AutoencoderTiny (e.g. taesdxl) to decode with.
+    tiny_vae: str | None = None
 
 
 class ModelConfig(StrictModel):
