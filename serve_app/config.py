@@ -150,6 +150,26 @@ class LimitsConfig(StrictModel):
         return sizes
 
 
+class JobsConfig(StrictModel):
+    """Async jobs (POST /api/jobs): records live in the image store."""
+
+    # A queued/running job whose record is not refreshed for this long is taken over by
+    # another ingress replica (its own ingress died).
+    lease_s: float = Field(default=30.0, gt=0)
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    scan_interval_s: float = Field(default=10.0, gt=0)
+    # Runs of one job before it is marked failed (a lost replica costs one run).
+    max_attempts: int = Field(default=3, ge=1)
+    callback_attempts: int = Field(default=5, ge=1)
+    callback_backoff_s: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> JobsConfig:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("jobs.heartbeat_s must be shorter than jobs.lease_s")
+        return self
+
+
 class SecurityConfig(StrictModel):
     # Name of the environment variable holding comma-separated API keys (bearer tokens).
     # Keys never go in config files; unset means no authentication.
@@ -171,6 +191,7 @@ class AppConfig(StrictModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

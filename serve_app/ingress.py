@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,14 +30,27 @@ from serve_app.errors import (
     GenerationFailed,
     GenerationTimeout,
     InvalidRequest,
+    NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
+    error_body,
     field_of,
     to_response,
 )
 from serve_app.imaging import encode_png, make_grid
+from serve_app.jobs import (
+    JobRecord,
+    JobRequest,
+    Progress,
+    dump,
+    is_stale,
+    key_name,
+    load,
+    post_callback,
+    record_name,
+)
 from serve_app.schemas import (
     Text2ImageRequest,
     Text2ImageResponse,
@@ -77,7 +91,8 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return to_response(ServiceError("internal error", request_id=request_id))
 
 
-def parse_request(body: bytes, config: AppConfig) -> Text2ImageRequest:
+def parse_request(body: bytes, config: AppConfig,
+                  model: type[Text2ImageRequest] = Text2ImageRequest) -> Text2ImageRequest:
     """Raw body -> validated request. The Content-Type is ignored on purpose: `curl -d`
     sends application/x-www-form-urlencoded and the reference docs use exactly that."""
     if len(body) > MAX_BODY_BYTES:
@@ -93,7 +108,7 @@ def parse_request(body: bytes, config: AppConfig) -> Text2ImageRequest:
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object", field="body")
     try:
-        request = Text2ImageRequest.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))) from None
@@ -122,12 +137,14 @@ def plan_calls(request: Text2ImageRequest, seed: int) -> list[GenerationItem]:
     ]
 
 
-_REQUEST_BODY_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": Text2ImageRequest.model_json_schema()}},
-    }
-}
+def _body_schema(model: type[Text2ImageRequest]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+_REQUEST_BODY_SCHEMA = _body_schema(Text2ImageRequest)
+_JOB_BODY_SCHEMA = _body_schema(JobRequest)
 
 
 @serve.deployment(name="Ingress")
@@ -146,6 +163,9 @@ class Ingress:
         self._cleaner = threading.Thread(target=self._cleanup_loop, name="store-cleanup",
                                          daemon=True)
         self._cleaner.start()
+        self._running_jobs: dict[str, asyncio.Task] = {}
+        # Jobs whose ingress died (records gone stale) are picked up by a live one.
+        self._job_scanner = asyncio.get_running_loop().create_task(self._scan_jobs_forever())
 
     def _cleanup_loop(self) -> None:
         cfg = self.config.store
@@ -204,21 +224,29 @@ class Ingress:
     )
     async def text2image(self, request: Request) -> JSONResponse:
         self._authorize(request)
+        body = parse_request(await self._read_body(request), self.config)
+        request_id = uuid.uuid4().hex
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        response = await self._generate(body, request_id, seed, self._base_url(request))
+        return JSONResponse(response, headers={"X-Request-ID": request_id})
+
+    async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
-        body = parse_request(await request.body(), self.config)
-        request_id = uuid.uuid4().hex
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        items = plan_calls(body, seed)
+        return await request.body()
 
+    async def _generate(self, body: Text2ImageRequest, request_id: str, seed: int,
+                        base_url: str,
+                        on_call_done: Callable[[int], None] | None = None) -> dict[str, Any]:
+        items = plan_calls(body, seed)
         started = time.perf_counter()
-        results = await self._run_calls(items, request_id)
+        results = await self._run_calls(items, request_id, on_call_done)
         generation_s = time.perf_counter() - started
 
         images = [result["images"] for result in results]
         await self._store_images(request_id, images)
-        base = f"{self._base_url(request)}/images/{request_id}"
+        base = f"{base_url}/images/{request_id}"
         output = [
             {"latencySeconds": round(result["latency_s"], 4), "url": f"{base}/{image_name(i, j)}"}
             for i, result in enumerate(results)
@@ -227,7 +255,7 @@ class Ingress:
         total = len(output)
         logger.info("request %s: %d images %s %d steps in %.3fs", request_id, total, body.size,
                     body.step, generation_s)
-        response = Text2ImageResponse.model_validate({
+        return Text2ImageResponse.model_validate({
             "id": request_id,
             "averageImageGenerationTimeSeconds": round(generation_s / total, 4),
             "generationTimeSeconds": round(generation_s, 4),
@@ -238,11 +266,11 @@ class Ingress:
             "output": output,
             "gridUrl": f"{base}/{GRID_NAME}" if body.number > 1 else None,
             "status": "success",
-        })
-        return JSONResponse(response.model_dump(), headers={"X-Request-ID": request_id})
+        }).model_dump()
 
-    async def _run_calls(self, items: list[GenerationItem],
-                         request_id: str) -> list[dict[str, Any]]:
+    async def _run_calls(self, items: list[GenerationItem], request_id: str,
+                         on_call_done: Callable[[int], None] | None = None,
+                         ) -> list[dict[str, Any]]:
         async def one(item: GenerationItem) -> dict[str, Any]:
             start = time.perf_counter()
             for attempt in range(REPLICA_LOST_RETRIES + 1):
@@ -255,6 +283,8 @@ class Ingress:
                     logger.warning("request %s: model replica lost, retrying call %d",
                                    request_id, item.call_index)
             result["latency_s"] = time.perf_counter() - start
+            if on_call_done is not None and "images" in result:
+                on_call_done(len(result["images"]))
             return result
 
         tasks = [asyncio.ensure_future(one(item)) for item in items]
@@ -295,6 +325,138 @@ class Ingress:
             flat = [pixels for call_images in images for pixels in call_images]
             jobs.append(asyncio.to_thread(lambda: encode_and_put(GRID_NAME, make_grid(flat))))
         await asyncio.gather(*jobs)
+
+    @app.post("/api/jobs", status_code=202, openapi_extra=_JOB_BODY_SCHEMA,
+              responses={200: {}, 401: {}, 413: {}, 422: {}})
+    async def submit_job(self, request: Request) -> JSONResponse:
+        """Queue a generation; poll the status URL, or get a POST at `callbackUrl`."""
+        self._authorize(request)
+        body = parse_request(await self._read_body(request), self.config, JobRequest)
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key:
+            existing = await self._job_for_key(idempotency_key)
+            if existing is not None:
+                return JSONResponse(existing.public(), status_code=200)
+        job_id = uuid.uuid4().hex
+        base = self._base_url(request)
+        now = time.time()
+        record = JobRecord(
+            id=job_id, createdAt=now, updatedAt=now,
+            request=body.model_dump(exclude={"callbackUrl"}),
+            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+            progress=Progress(total=body.number * body.batch),
+            callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,
+            statusUrl=f"{base}/api/jobs/{job_id}",
+        )
+        await self._save_job(record)
+        if idempotency_key:
+            await asyncio.to_thread(self.store.put_record, key_name(idempotency_key),
+                                    job_id.encode())
+        self._start_job(record, base)
+        return JSONResponse(record.public(), status_code=202,
+                            headers={"Location": record.statusUrl or ""})
+
+    @app.get("/api/jobs/{job_id}", responses={401: {}, 404: {}})
+    async def job_status(self, job_id: str, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse((await self._load_job(job_id)).public())
+
+    async def _load_job(self, job_id: str) -> JobRecord:
+        try:
+            return load(await asyncio.to_thread(self.store.get_record, record_name(job_id)))
+        except NotFound:
+            raise NotFound("job not found") from None
+
+    async def _save_job(self, record: JobRecord) -> None:
+        record.updatedAt = time.time()
+        await asyncio.to_thread(self.store.put_record, record_name(record.id), dump(record))
+
+    async def _job_for_key(self, idempotency_key: str) -> JobRecord | None:
+        try:
+            job_id = await asyncio.to_thread(self.store.get_record, key_name(idempotency_key))
+        except NotFound:
+            return None
+        return await self._load_job(job_id.decode())
+
+    def _start_job(self, record: JobRecord, base_url: str) -> None:
+        if record.id in self._running_jobs:
+            return
+        task = asyncio.get_running_loop().create_task(self._run_job(record, base_url))
+        self._running_jobs[record.id] = task
+        task.add_done_callback(lambda _: self._running_jobs.pop(record.id, None))
+
+    async def _run_job(self, record: JobRecord, base_url: str) -> None:
+        cfg = self.config.jobs
+        body = Text2ImageRequest.model_validate(record.request)
+
+        def progress(images: int) -> None:
+            record.progress.done += images
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(cfg.heartbeat_s)
+                await self._save_job(record)
+
+        while record.status in ("queued", "running"):
+            record.status, record.attempts = "running", record.attempts + 1
+            record.progress.done = 0
+            await self._save_job(record)
+            beat = asyncio.get_running_loop().create_task(heartbeat())
+            try:
+                record.result = await self._generate(body, record.id, record.seed, base_url,
+                                                     progress)
+                record.status = "succeeded"
+            except Overloaded as err:
+                # A job waits for capacity instead of failing; this run doesn't count.
+                record.status, record.attempts = "queued", record.attempts - 1
+                await asyncio.sleep(err.retry_after_s)
+            except ServiceError as err:
+                if record.attempts >= cfg.max_attempts or isinstance(err, InvalidRequest):
+                    record.status, record.error = "failed", error_body(err)["error"]
+                else:
+                    record.status = "queued"
+                    logger.warning("job %s: run %d failed (%s), running it again", record.id,
+                                   record.attempts, err.code)
+            except Exception:
+                logger.exception("job %s: unexpected error", record.id)
+                record.status = "failed"
+                record.error = {"code": "internal_error", "message": "internal error",
+                                "requestId": record.id}
+            finally:
+                beat.cancel()
+            await self._save_job(record)
+        logger.info("job %s %s after %d run(s)", record.id, record.status, record.attempts)
+        if record.callbackUrl:
+            record.callbackDelivered = await asyncio.to_thread(
+                post_callback, record.callbackUrl, record.public(), cfg.callback_attempts,
+                cfg.callback_backoff_s)
+            await self._save_job(record)
+
+    async def _scan_jobs_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.jobs.scan_interval_s)
+            try:
+                await self._resume_stale_jobs()
+            except Exception:
+                logger.exception("job scan failed; retrying next interval")
+
+    async def _resume_stale_jobs(self) -> int:
+        resumed = 0
+        names = await asyncio.to_thread(self.store.list_records, "job-")
+        for name in names:
+            job_id = name.removeprefix("job-")
+            if job_id in self._running_jobs:
+                continue
+            try:
+                record = await self._load_job(job_id)
+            except (NotFound, ValidationError):
+                continue
+            if is_stale(record, self.config.jobs.lease_s):
+                logger.info("job %s: its ingress stopped refreshing it; resuming", job_id)
+                base = (record.statusUrl or "").rsplit("/api/jobs/", 1)[0]
+                self._start_job(record, base)
+                resumed += 1
+        return resumed
 
     @app.get("/images/{image_id}/{name}", responses={404: {}})
     async def image(self, image_id: str, name: str, request: Request) -> Response:

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_NAME = re.compile(r"^(?:\d{1,3}_\d{1,3}|image_grid)\.png$")
 GRID_NAME = "image_grid.png"
+RECORDS_DIR = "jobs"
+RECORD_NAME = re.compile(r"^(?:job-[0-9a-f]{32}|key-[0-9a-f]{64})$")
 
 
 def image_name(call_index: int, image_index: int) -> str:
@@ -76,6 +78,32 @@ class ImageStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound("image not found") from None
 
+    def _record_path(self, name: str) -> str:
+        if not RECORD_NAME.match(name):
+            raise NotFound("record not found")
+        return f"{self.root}/{RECORDS_DIR}/{name}.json"
+
+    def put_record(self, name: str, data: bytes) -> None:
+        """Small JSON records (async jobs) beside the images, durable as the images are."""
+        if self._local:
+            self.fs.makedirs(f"{self.root}/{RECORDS_DIR}", exist_ok=True)
+        self.fs.pipe_file(self._record_path(name), data)
+
+    def get_record(self, name: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._record_path(name))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound("record not found") from None
+
+    def list_records(self, prefix: str) -> list[str]:
+        self.fs.invalidate_cache(f"{self.root}/{RECORDS_DIR}")
+        try:
+            paths = self.fs.ls(f"{self.root}/{RECORDS_DIR}", detail=False)
+        except FileNotFoundError:
+            return []
+        names = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in paths]
+        return sorted(n for n in names if n.startswith(prefix) and RECORD_NAME.match(n))
+
     def cleanup(self, ttl_s: float, now: float | None = None) -> int:
         """Delete every id whose newest file is older than ttl_s. Returns ids deleted."""
         now = time.time() if now is None else now
@@ -85,19 +113,23 @@ class ImageStore:
         except FileNotFoundError:
             return 0
         newest: dict[str, float] = {}
+        expired_records: list[str] = []
         for path, info in files.items():
             rel = path[len(self.root):].lstrip("/") if path.startswith(self.root) else path
             image_id = rel.split("/", 1)[0]
-            if not IMAGE_ID.match(image_id):
-                continue
             mtime = _mtime(info)
             if mtime is None:
                 continue
+            if image_id == RECORDS_DIR and now - mtime > ttl_s:
+                expired_records.append(path)
+            if not IMAGE_ID.match(image_id):
+                continue
             newest[image_id] = max(newest.get(image_id, 0.0), mtime)
         expired = [image_id for image_id, mtime in newest.items() if now - mtime > ttl_s]
-        for image_id in expired:
+        doomed = [f"{self.root}/{image_id}" for image_id in expired] + expired_records
+        for path in doomed:
             try:
-                self.fs.rm(f"{self.root}/{image_id}", recursive=True)
+                self.fs.rm(path, recursive=True)
             except FileNotFoundError:
                 pass  # another ingress replica got there first
         if expired:

@@ -1,0 +1,95 @@
+"""Async jobs: records kept in the image store, callbacks with retries.
+
+A job's record lives at `<store>/jobs/job-<id>.json`, so it survives an ingress restart and
+any ingress replica can answer for it. A running job refreshes `updatedAt`; a queued or
+running job whose record goes stale (its ingress died) is picked up again by another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import urllib.request
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, HttpUrl
+
+from serve_app.schemas import Text2ImageRequest
+
+logger = logging.getLogger("ray.serve")
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+ACTIVE: tuple[str, ...] = ("queued", "running")
+CALLBACK_TIMEOUT_S = 10.0
+
+
+class JobRequest(Text2ImageRequest):
+    callbackUrl: HttpUrl | None = Field(
+        default=None, description="Gets a POST of the job record when the job ends.")
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int
+
+
+class JobRecord(BaseModel):
+    id: str
+    status: JobStatus = "queued"
+    createdAt: float
+    updatedAt: float
+    request: dict[str, Any]
+    seed: int
+    progress: Progress
+    attempts: int = 0
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    callbackUrl: str | None = None
+    callbackDelivered: bool | None = None
+    statusUrl: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def record_name(job_id: str) -> str:
+    return f"job-{job_id}"
+
+
+def key_name(idempotency_key: str) -> str:
+    # Hashed: the client's key may be anything, and is not stored in clear.
+    return "key-" + hashlib.sha256(idempotency_key.encode()).hexdigest()
+
+
+def is_stale(record: JobRecord, lease_s: float, now: float | None = None) -> bool:
+    now = time.time() if now is None else now
+    return record.status in ACTIVE and now - record.updatedAt > lease_s
+
+
+def dump(record: JobRecord) -> bytes:
+    return json.dumps(record.public()).encode()
+
+
+def load(data: bytes) -> JobRecord:
+    return JobRecord.model_validate_json(data)
+
+
+def post_callback(url: str, payload: dict[str, Any], attempts: int,
+                  backoff_s: float) -> bool:
+    """POST the payload; retry on errors and non-2xx with exponential backoff."""
+    body = json.dumps(payload).encode()
+    for attempt in range(1, attempts + 1):
+        request = urllib.request.Request(url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:
+                if 200 <= response.status < 300:
+                    return True
+        except Exception as exc:
+            logger.warning("callback attempt %d/%d failed: %s", attempt, attempts,
+                           type(exc).__name__)
+        if attempt < attempts:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    return False

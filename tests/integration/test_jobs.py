@@ -1,0 +1,168 @@
+"""Async jobs: 202 + status URL, durable records, callbacks, idempotency, replica loss."""
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from serve_app.jobs import JobRecord, Progress, dump, record_name
+from serve_app.store import ImageStore
+from tests.integration.conftest import deploy, fake_args, free_port
+from tests.integration.test_load_and_faults import replica_actor_names
+
+pytestmark = pytest.mark.integration
+
+FAST_JOBS = {"lease_s": 2.0, "heartbeat_s": 0.5, "scan_interval_s": 0.5,
+             "callback_backoff_s": 0.1}
+
+
+@pytest.fixture(scope="module")
+def jobs_app(serve_url, tmp_path_factory):
+    store = tmp_path_factory.mktemp("jobs-store")
+    deploy("jobs", "/jobs", fake_args(store, model={"generator_options": {"delay_s": 0.2}},
+                                      jobs=FAST_JOBS))
+    yield f"{serve_url}/jobs", store
+    from ray import serve
+
+    serve.delete("jobs")
+
+
+def submit(url, body, **kwargs):
+    return httpx.post(f"{url}/api/jobs", json=body, timeout=30, **kwargs)
+
+
+def wait_done(status_url, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = httpx.get(status_url, timeout=30).json()
+        if record["status"] in ("succeeded", "failed"):
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"job did not finish in {timeout_s}s: {record}")
+
+
+def test_job_lifecycle(jobs_app):
+    url, _ = jobs_app
+    response = submit(url, {"prompt": "async cat", "number": 2, "batch": 2, "seed": 5})
+    assert response.status_code == 202
+    accepted = response.json()
+    assert accepted["status"] in ("queued", "running")
+    assert accepted["statusUrl"] == f"{url}/api/jobs/{accepted['id']}"
+    assert response.headers["location"] == accepted["statusUrl"]
+    record = wait_done(accepted["statusUrl"])
+    assert record["status"] == "succeeded"
+    assert record["progress"] == {"done": 4, "total": 4}
+    assert record["attempts"] == 1
+    output = record["result"]["output"]
+    assert [o["url"].rsplit("/", 1)[1] for o in output] == ["0_0.png", "0_1.png", "1_0.png",
+                                                            "1_1.png"]
+    assert all(httpx.get(o["url"]).status_code == 200 for o in output)
+    assert httpx.get(record["result"]["gridUrl"]).status_code == 200
+
+
+def test_job_errors(jobs_app):
+    url, _ = jobs_app
+    bad = submit(url, {"prompt": "p", "size": "1x1"})
+    assert (bad.status_code, bad.json()["error"]["field"]) == (422, "size")
+    bad_callback = submit(url, {"prompt": "p", "callbackUrl": "not a url"})
+    assert (bad_callback.status_code, bad_callback.json()["error"]["field"]) == (
+        422, "callbackUrl")
+    assert httpx.get(f"{url}/api/jobs/{uuid.uuid4().hex}").status_code == 404
+    assert httpx.get(f"{url}/api/jobs/..%2F..%2Fetc").status_code == 404
+
+
+def test_failed_job_reports_the_error(jobs_app):
+    url, _ = jobs_app
+    record = wait_done(submit(url, {"prompt": "__fail__"}).json()["statusUrl"])
+    assert record["status"] == "failed"
+    assert record["attempts"] == 3  # jobs.max_attempts
+    assert record["error"]["code"] == "generation_failed"
+    assert "internal detail" not in json.dumps(record)
+
+
+def test_idempotency_key_returns_the_same_job(jobs_app):
+    url, _ = jobs_app
+    key = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
+    first = submit(url, {"prompt": "once"}, headers=key)
+    second = submit(url, {"prompt": "once"}, headers=key)
+    assert (first.status_code, second.status_code) == (202, 200)
+    assert first.json()["id"] == second.json()["id"]
+    other = submit(url, {"prompt": "once"}, headers={"Idempotency-Key": "another"})
+    assert other.json()["id"] != first.json()["id"]
+
+
+class CallbackSink(BaseHTTPRequestHandler):
+    received: list = []
+    failures_left = 2
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if CallbackSink.failures_left > 0:
+            CallbackSink.failures_left -= 1
+            self.send_response(500)
+        else:
+            CallbackSink.received.append(body)
+            self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_callback_is_retried_until_delivered(jobs_app):
+    url, _ = jobs_app
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), CallbackSink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        callback = f"http://127.0.0.1:{server.server_port}/hook"
+        job = submit(url, {"prompt": "call me", "callbackUrl": callback}).json()
+        deadline = time.monotonic() + 60
+        while not CallbackSink.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(CallbackSink.received) == 1
+        assert CallbackSink.received[0]["id"] == job["id"]
+        assert CallbackSink.received[0]["status"] == "succeeded"
+        assert CallbackSink.failures_left == 0
+        deadline = time.monotonic() + 10
+        while httpx.get(job["statusUrl"]).json()["callbackDelivered"] is not True:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        server.shutdown()
+
+
+def test_a_job_whose_ingress_died_is_resumed(jobs_app):
+    """A record left 'running' by a dead ingress (stale updatedAt) is run again."""
+    url, store_dir = jobs_app
+    job_id = uuid.uuid4().hex
+    stale = time.time() - 600
+    record = JobRecord(id=job_id, status="running", createdAt=stale, updatedAt=stale,
+                       request={"prompt": "orphan", "number": 1, "size": "512x512",
+                                "step": 1, "batch": 1, "seed": 9},
+                       seed=9, progress=Progress(done=0, total=1), attempts=1,
+                       statusUrl=f"{url}/api/jobs/{job_id}")
+    ImageStore(str(store_dir)).put_record(record_name(job_id), dump(record))
+    done = wait_done(f"{url}/api/jobs/{job_id}", timeout_s=30)
+    assert (done["status"], done["attempts"]) == ("succeeded", 2)
+    assert httpx.get(done["result"]["output"][0]["url"]).status_code == 200
+
+
+def test_jobs_survive_a_replica_killed_under_async_load(serve_url, tmp_path):
+    import ray
+    from ray import serve
+
+    deploy("jobs-chaos", "/jobs-chaos", fake_args(
+        tmp_path, model={"generator_options": {"delay_s": 0.3}}, jobs=FAST_JOBS))
+    url = f"{serve_url}/jobs-chaos"
+    [victim] = replica_actor_names("jobs-chaos", "Text2ImageModel")
+    jobs = [submit(url, {"prompt": f"job {i}", "seed": i}).json() for i in range(12)]
+    time.sleep(1.0)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    records = [wait_done(job["statusUrl"], timeout_s=120) for job in jobs]
+    assert [r["status"] for r in records] == ["succeeded"] * 12
+    print("attempts per job after the kill:", [r["attempts"] for r in records])
+    serve.delete("jobs-chaos")
