@@ -1,0 +1,123 @@
+"""`sdxl-turbo-bench`: pipeline benchmark (eager vs optimised) or HTTP load against a URL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+OPTIMIZATION_SWITCHES = ("channels_last", "prepack_linear", "prepack_conv", "fuse_geglu",
+                         "fuse_attention", "prompt_cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdxl-turbo-bench",
+        description="Time SDXL-Turbo generation in-process (eager vs optimised), or load a "
+                    "running service over HTTP with --url.")
+    parser.add_argument("--bf16", action="store_true", default=True,
+                        help="bfloat16 (the default; kept for the reference tool's flags)")
+    parser.add_argument("--fp32", dest="bf16", action="store_false", help="float32 instead")
+    parser.add_argument("--batch", type=int, default=1, help="images per pipeline call")
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per backend")
+    parser.add_argument("--step", type=int, default=4, help="denoising steps")
+    parser.add_argument("--prompt", default="A photo of an astronaut riding a horse on mars")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed 1-step runs per backend before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice)")
+    parser.add_argument("--model", default="full",
+                        help="diffusers model directory, or 'full' (default): SDXL-Turbo's "
+                             "full-size architecture with random weights, built in memory")
+    parser.add_argument("--backend", choices=("eager", "optimized", "ipex"),
+                        default="optimized")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run plain diffusers eager first, in the same process, and "
+                             "report the speed-up and the image difference")
+    parser.add_argument("--disable", action="append", default=[],
+                        choices=OPTIMIZATION_SWITCHES, help="turn one optimisation off")
+    parser.add_argument("--only", action="append", default=[], choices=OPTIMIZATION_SWITCHES,
+                        help="turn every optimisation off except these")
+    parser.add_argument("--tiny-vae", default=None,
+                        help="directory of an AutoencoderTiny to decode with (opt-in)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write results here")
+    load = parser.add_argument_group("HTTP load mode (no Ray started: it targets a URL)")
+    load.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8000")
+    load.add_argument("-n", "--requests", type=int, default=50)
+    load.add_argument("-c", "--concurrency", type=int, default=5)
+    load.add_argument("--number", type=int, default=1, help="images per request")
+    load.add_argument("--api-key", default=os.environ.get("SDXL_BENCH_API_KEY"))
+    load.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    return parser
+
+
+def optimization_options(args: argparse.Namespace) -> Any:
+    from serve_app.config import OptimizationConfig
+
+    switches = {name: True for name in OPTIMIZATION_SWITCHES}
+    if args.only:
+        switches = {name: name in args.only for name in OPTIMIZATION_SWITCHES}
+    for name in args.disable:
+        switches[name] = False
+    fields: dict[str, Any] = {k: v for k, v in switches.items() if k != "prompt_cache"}
+    if not switches["prompt_cache"]:
+        fields["prompt_cache_size"] = 0
+    if args.tiny_vae:
+        fields["tiny_vae"] = args.tiny_vae
+    return OptimizationConfig(**fields)
+
+
+def run_load_mode(args: argparse.Namespace) -> dict[str, Any]:
+    from serve_app.bench.load import format_load, run_load
+
+    body = {"prompt": args.prompt, "size": f"{args.width}x{args.height}", "step": args.step,
+            "batch": args.batch, "number": args.number}
+    summary = run_load(args.url, requests=args.requests, concurrency=args.concurrency,
+                       body=body, api_key=args.api_key, timeout_s=args.timeout).to_dict()
+    result = {"mode": "load", "url": args.url, "body": body, "summary": summary}
+    print(format_load(summary))
+    return result
+
+
+def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
+    from serve_app.bench.direct import format_direct, run_direct
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    backends = [args.backend]
+    if args.compare and args.backend != "eager":
+        backends.insert(0, "eager")
+    result = run_direct(
+        model=args.model, backends=backends, repeat=args.repeat, batch=args.batch,
+        steps=args.step, height=args.height, width=args.width, prompt=args.prompt,
+        seed=args.seed, warmup=args.warmup, dtype_name="bfloat16" if args.bf16 else "float32",
+        options=optimization_options(args))
+    result["mode"] = "direct"
+    result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
+    print(format_direct(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = run_load_mode(args) if args.url else run_direct_mode(args)
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

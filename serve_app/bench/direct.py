@@ -1,0 +1,278 @@
+"""The pipeline in-process: plain diffusers eager vs the replica's optimised path.
+
+Both run in one process on one pipeline object (eager first, then optimised in place), at
+equal prompts and seeds, so the ratio is measured under the same machine load and the
+images can be compared pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FULL = "full"
+
+
+@dataclass
+class StageTimer:
+    """Wall time per pipeline stage (text encoders, UNet calls, VAE decode)."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.calls.clear()
+
+    @contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - started
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def wrap(self, name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(name):
+                return fn(*args, **kwargs)
+        wrapped._bench_inner = fn
+        return wrapped
+
+
+def instrument(pipe: Any, timer: StageTimer, *, encode: bool = True) -> None:
+    """Time encode_prompt, each UNet call and vae.decode (instance attributes only).
+
+    The optimised path's prompt cache wraps the timed encode_prompt, so text_encoders_s
+    counts only real text-encoder work.
+    """
+    targets = [(pipe.vae, "decode", "vae_decode_s")]
+    if encode:
+        targets.append((pipe, "encode_prompt", "text_encoders_s"))
+    for owner, attr, name in targets:
+        current = getattr(owner, attr)
+        setattr(owner, attr, timer.wrap(name, getattr(current, "_bench_inner", current)))
+    unet = pipe.unet
+    if not getattr(unet, "_bench_hooks", False):
+        starts: list[float] = []
+        unet.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+
+        def post(*_: Any) -> None:
+            elapsed = time.perf_counter() - starts.pop()
+            timer.totals["unet_s"] = timer.totals.get("unet_s", 0.0) + elapsed
+            timer.calls["unet_s"] = timer.calls.get("unet_s", 0) + 1
+
+        unet.register_forward_hook(post)
+        unet._bench_hooks = True
+
+
+def load_pipeline(model: str, dtype: Any) -> tuple[Any, str]:
+    """(pipeline, label). model: 'full' (random weights) or a diffusers directory."""
+    if model == FULL:
+        from serve_app.full_model import FULL_MODEL_LABEL, build_full_pipeline
+
+        pipe = build_full_pipeline(dtype)
+        label = FULL_MODEL_LABEL
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
+        label = f"weights from {model}"
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, label
+
+
+def generate(pipe: Any, prompts: list[str], seeds: list[int], *, steps: int, height: int,
+             width: int) -> np.ndarray:
+    import torch
+
+    from serve_app.pipeline import _to_uint8
+
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    with torch.inference_mode():
+        images = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=0.0,
+                      height=height, width=width, generator=generators,
+                      output_type="pt").images
+    return _to_uint8(images)
+
+
+def run_backend(pipe: Any, *, repeat: int, batch: int, steps: int, height: int, width: int,
+                prompt: str, seed: int, warmup: int, timer: StageTimer
+                ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Warm-up runs (1 step, not reported) then `repeat` timed runs."""
+    for i in range(warmup):
+        generate(pipe, [f"warm-up {i}"] * batch, [seed] * batch, steps=1, height=height,
+                 width=width)
+    runs, images = [], []
+    for i in range(repeat):
+        # A distinct prompt per run: the prompt cache never hits in timed runs.
+        prompts = [f"{prompt} (run {i}, image {j})" for j in range(batch)]
+        seeds = [seed + 1000 * i + j for j in range(batch)]
+        timer.reset()
+        started = time.perf_counter()
+        out = generate(pipe, prompts, seeds, steps=steps, height=height, width=width)
+        total = time.perf_counter() - started
+        run = {"total_s": total, **{k: v for k, v in timer.totals.items()}}
+        if timer.calls.get("unet_s"):
+            run["unet_step_s"] = timer.totals["unet_s"] / timer.calls["unet_s"]
+        runs.append(run)
+        images.append(out)
+        logger.info("run %d: %.2fs %s", i, total, run)
+    return runs, images
+
+
+def summarize_runs(runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    keys = sorted({k for r in runs for k in r})
+    median = {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
+    return {
+        "runs": runs,
+        "median": median,
+        "min_total_s": min(r["total_s"] for r in runs),
+        "max_total_s": max(r["total_s"] for r in runs),
+        "images_per_s": batch / median["total_s"],
+    }
+
+
+def image_difference(reference: list[np.ndarray], other: list[np.ndarray]) -> dict[str, Any]:
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in zip(reference, other)]
+    stacked = np.stack(diffs)
+    return {
+        "mean_abs": float(stacked.mean()),
+        "max_abs": int(stacked.max()),
+        "p99_abs": float(np.percentile(stacked, 99)),
+        "fraction_over_8": float((stacked > 8).mean()),
+        "reference_std": float(np.stack(reference).astype(np.float32).std()),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except Exception:  # lscpu missing
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    import os
+
+    import diffusers
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+    }
+
+
+def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, steps: int,
+               height: int, width: int, prompt: str, seed: int, warmup: int, dtype_name: str,
+               options: Any = None) -> dict[str, Any]:
+    """Run the backends in order on one pipeline; 'eager' must come first if present."""
+    import torch
+
+    from serve_app.config import OptimizationConfig
+    from serve_app.optimize import optimize_pipeline
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    started = time.perf_counter()
+    pipe, label = load_pipeline(model, dtype)
+    load_s = time.perf_counter() - started
+    timer = StageTimer()
+    instrument(pipe, timer)
+    result: dict[str, Any] = {
+        "config": {"model": model, "model_label": label, "height": height, "width": width,
+                   "batch": batch, "steps": steps, "repeat": repeat, "warmup": warmup,
+                   "dtype": dtype_name, "prompt": prompt, "seed": seed, "load_s": load_s},
+        "environment": environment(),
+        "backends": {},
+    }
+    images: dict[str, list[np.ndarray]] = {}
+    optimized = False
+    common = dict(repeat=repeat, batch=batch, steps=steps, height=height, width=width,
+                  prompt=prompt, seed=seed, warmup=warmup, timer=timer)
+    for backend in backends:
+        entry: dict[str, Any] = {}
+        if backend == "eager":
+            if optimized:
+                raise ValueError("eager must run before optimized (optimisation is in place)")
+        elif backend == "optimized":
+            stage = time.perf_counter()
+            entry["applied"] = optimize_pipeline(pipe, options or OptimizationConfig())
+            entry["optimize_s"] = time.perf_counter() - stage
+            instrument(pipe, timer, encode=False)
+            optimized = True
+        elif backend == "ipex":
+            from serve_app.backend import apply_ipex, select_backend
+
+            try:
+                choice = select_backend("ipex", torch.__version__)
+            except RuntimeError as exc:
+                result["backends"][backend] = {"skipped": str(exc)}
+                logger.warning("ipex skipped: %s", exc)
+                continue
+            apply_ipex(choice, pipe, dtype)
+            entry["applied"] = ["ipex.optimize"]
+            optimized = True
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        runs, images[backend] = run_backend(pipe, **common)
+        entry.update(summarize_runs(runs, batch))
+        result["backends"][backend] = entry
+    if "eager" in images:
+        base = result["backends"]["eager"]["median"]["total_s"]
+        for backend, imgs in images.items():
+            entry = result["backends"][backend]
+            entry["speedup_vs_eager"] = base / entry["median"]["total_s"]
+            if backend != "eager":
+                entry["image_diff_vs_eager"] = image_difference(images["eager"], imgs)
+    return result
+
+
+def format_direct(result: dict[str, Any]) -> str:
+    cfg, env = result["config"], result["environment"]
+    lines = [
+        f"model: {cfg['model']} ({cfg['model_label']})  {cfg['width']}x{cfg['height']}  "
+        f"steps {cfg['steps']}  batch {cfg['batch']}  {cfg['dtype']}  "
+        f"repeat {cfg['repeat']} (median)",
+        f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
+        f"diffusers {env['diffusers']}, {env['date']}",
+        f"{'backend':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'unet/step':>10} "
+        f"{'vae':>7} {'text':>7} {'img/s':>7} {'speedup':>8} {'mean|d|':>8} {'max|d|':>7}",
+    ]
+    for name, entry in result["backends"].items():
+        if "skipped" in entry:
+            lines.append(f"{name:<10} skipped: {entry['skipped']}")
+            continue
+        med = entry["median"]
+        diff = entry.get("image_diff_vs_eager", {})
+        lines.append(
+            f"{name:<10} {med['total_s']:>9.2f} {entry['min_total_s']:>8.2f} "
+            f"{entry['max_total_s']:>8.2f} {med.get('unet_step_s', float('nan')):>10.2f} "
+            f"{med.get('vae_decode_s', float('nan')):>7.2f} "
+            f"{med.get('text_encoders_s', float('nan')):>7.2f} {entry['images_per_s']:>7.3f} "
+            f"{entry.get('speedup_vs_eager', float('nan')):>7.2f}x "
+            f"{diff.get('mean_abs', 0.0):>8.3f} {diff.get('max_abs', 0):>7}")
+        if entry.get("applied"):
+            lines.append(f"{'':<10} applied: {', '.join(entry['applied'])}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from serve_app.bench.cli import main
+from serve_app.bench.load import RequestResult, percentile, run_load, summarize
+
+
+def test_bench_cli_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_model_dir), "--repeat", "1", "--step", "1",
+                 "--height", "128", "--width", "128", "--compare", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["mode"] == "direct"
+    assert {"config", "environment", "backends", "command"} <= set(data)
+    assert {"torch", "diffusers", "cpu", "date", "threads"} <= set(data["environment"])
+    assert list(data["backends"]) == ["eager", "optimized"]
+    for entry in data["backends"].values():
+        assert {"runs", "median", "images_per_s", "speedup_vs_eager"} <= set(entry)
+        assert {"total_s", "unet_s", "vae_decode_s", "text_encoders_s",
+                "unet_step_s"} <= set(entry["median"])
+    optimized = data["backends"]["optimized"]
+    assert "prepack_linear" in optimized["applied"]
+    assert {"mean_abs", "max_abs"} <= set(optimized["image_diff_vs_eager"])
+    assert optimized["image_diff_vs_eager"]["max_abs"] <= 8
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_cli_only_and_disable(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--model", str(tiny_model_dir), "--repeat", "1", "--step", "1", "--warmup", "0",
+          "--height", "64", "--width", "64", "--only", "fuse_attention", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert list(data["backends"]) == ["optimized"]
+    assert data["backends"]["optimized"]["applied"] == ["fuse_attention"]
+
+
+@pytest.mark.parametrize("values", [[1.0], [3.0, 1.0, 2.0], list(range(1, 101)),
+                                    [0.5, 0.1, 9.0, 2.5, 2.5, 7.25, 3.0]])
+@pytest.mark.parametrize("q", [0, 50, 90, 95, 99, 100])
+def test_percentile_matches_numpy_linear(values, q):
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_known_values_and_empty():
+    values = list(range(1, 101))  # 1..100
+    assert percentile(values, 50) == 50.5
+    assert percentile(values, 90) == pytest.approx(90.1)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert math.isnan(percentile([], 50))
+
+
+def test_summary_counts_failures_and_overhead():
+    results = [RequestResult(True, 2.0, 200, images=1, generation_s=1.5),
+               RequestResult(True, 4.0, 200, images=2, generation_s=1.5),
+               RequestResult(True, 3.0, 200, images=1, generation_s=2.5),
+               RequestResult(False, 0.1, 503, error="HTTP 503"),
+               RequestResult(False, 0.2, None, error="ConnectError: refused")]
+    s = summarize(results, wall_s=8.0, concurrency=2)
+    assert (s["requests"], s["succeeded"], s["failed"]) == (5, 3, 2)
+    assert s["success_rate"] == pytest.approx(0.6)
+    assert s["images"] == 4 and s["images_per_s"] == pytest.approx(0.5)
+    assert s["latency_s"]["p50"] == 3.0  # failures are not in the latency percentiles
+    assert s["latency_s"]["p90"] == pytest.approx(3.8)
+    assert s["generation_s_p50"] == 1.5
+    assert s["serve_overhead_p50_s"] == pytest.approx(1.5)
+    assert s["status_codes"] == {"200": 3, "503": 1, "none": 1}
+
+
+class _FakeService(BaseHTTPRequestHandler):
+    count = 0
+    lock = threading.Lock()
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        with self.lock:
+            _FakeService.count += 1
+            fail = _FakeService.count % 5 == 0
+        if fail:
+            self.send_response(503)
+            self.end_headers()
+            return
+        payload = json.dumps({"status": "success", "generationTimeSeconds": 0.01,
+                              "output": [{"url": "x", "latencySeconds": 0.01}] * body["number"]})
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_run_load_against_a_local_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeService)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        summary = run_load(url, requests=20, concurrency=4,
+                           body={"prompt": "p", "number": 2}).to_dict()
+    finally:
+        server.shutdown()
+    assert summary["requests"] == 20
+    assert summary["succeeded"] == 16 and summary["status_codes"]["503"] == 4
+    assert summary["images"] == 32
+    assert summary["generation_s_p50"] == 0.01
