@@ -1,0 +1,204 @@
+"""serveConfigV2 == configs/production.yaml; Ray and AppConfig accept it; pod resources,
+Ray resources and the replica config agree; node-pool placement per overlay."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.app import model_deployment_options
+from serve_app.config import AppConfig
+from tests.kuberay.manifests import (
+    G8I_LABEL,
+    OVERLAYS,
+    PRODUCTION,
+    TDX_LABEL,
+    app_args,
+    generate_module,
+    pod_templates,
+    quantity_bytes,
+    quantity_cpus,
+    rayservice,
+    serve_config,
+    worker_group,
+)
+
+# Memory the model replica needs, in GiB (an estimate, not measured on g8i):
+#   weights in bfloat16: UNet 2.6e9 + text encoders 0.82e9 + VAE 0.08e9 params x 2 B = 7.0 GB
+#   (6.5 GiB); activations for a batch of 4 images at 1024x1024 (VAE decode dominates)
+#   ~10 GiB; Python, torch, Ray worker ~1.5 GiB.
+MODEL_WEIGHTS_GIB = 6.5
+MODEL_PEAK_GIB = 18.0
+OBJECT_STORE_BYTES = 2 * 1024**3
+
+
+def production() -> dict:
+    return yaml.safe_load(PRODUCTION.read_text())
+
+
+# --- one source -----------------------------------------------------------------------------
+
+def test_generated_files_are_up_to_date() -> None:
+    assert generate_module().stale() == []
+
+
+def test_generation_detects_drift(tmp_path, monkeypatch) -> None:
+    generate = generate_module()
+    changed = production()
+    changed["applications"][0]["args"]["replica"]["num_cpus"] = 30
+    source = tmp_path / "production.yaml"
+    source.write_text(yaml.safe_dump(changed))
+    monkeypatch.setattr(generate, "SOURCE", source)
+    assert generate.stale() == [generate.BASE_RAYSERVICE, generate.TDX_PATCH]
+
+
+@pytest.mark.parametrize("name", ("base", "overlays/g8i", "overlays/g8i-lite"))
+def test_serve_config_is_production_yaml(name: str) -> None:
+    assert serve_config(rayservice(name)) == production()
+
+
+def test_tdx_serve_config_is_production_yaml_plus_require_tee() -> None:
+    expected = production()
+    expected["applications"][0]["args"]["security"] = {"require_tee": True}
+    assert serve_config(rayservice("overlays/tdx")) == expected
+
+
+# --- Ray's schema and the app's own config ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_serve_config_validates_with_ray(name: str) -> None:
+    schema = ServeDeploySchema.model_validate(serve_config(rayservice(name)))
+    (app,) = schema.applications
+    assert app.import_path == "serve_app.app:build_app"
+    assert app.name == "sdxl-turbo"
+    assert app.route_prefix == "/"
+    assert schema.http_options.port == 8000
+    assert schema.http_options.host == "0.0.0.0"
+
+
+def test_ray_schema_rejects_a_broken_config() -> None:
+    broken = serve_config(rayservice("overlays/g8i"))
+    broken["applications"][0]["import_pth"] = broken["applications"][0].pop("import_path")
+    with pytest.raises(Exception, match="import_pth|import_path"):
+        ServeDeploySchema.model_validate(broken)
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_args_validate_as_app_config(name: str) -> None:
+    config = AppConfig.model_validate(app_args(rayservice(name)))
+    assert config.model.source == "/models/sdxl-turbo"
+    assert config.model.dtype == "bfloat16"
+    assert config.store.url.startswith("s3://")
+    assert config.store.storage_options == {
+        "endpoint_url": "https://oss-cn-hangzhou-internal.aliyuncs.com"}
+    assert config.security.require_tee is (name == "overlays/tdx")
+
+
+# --- resources agree ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_model_pod_matches_the_replica(name: str) -> None:
+    service = rayservice(name)
+    config = AppConfig.model_validate(app_args(service))
+    group = worker_group(service, "model")
+    container = group["template"]["spec"]["containers"][0]
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    # The reference pod for ecs.g8i.4xlarge (16 vCPU / 64 GiB).
+    assert requests == {"cpu": "14", "memory": "24Gi"}
+    assert limits == {"cpu": "16", "memory": "32Gi"}
+    ray_cpus = int(group["rayStartParams"]["num-cpus"])
+    # Ray CPUs == replica CPUs == torch threads: exactly one replica per pod.
+    assert ray_cpus == config.replica.num_cpus == 14
+    assert config.replica.num_cpus <= quantity_cpus(limits["cpu"])
+    assert config.replica.num_cpus <= quantity_cpus(requests["cpu"])
+    assert ray_cpus // config.replica.num_cpus == 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OMP_NUM_THREADS"] == str(config.replica.num_cpus)
+    # What build_app passes to Ray.
+    options = model_deployment_options(config)
+    assert options["ray_actor_options"]["num_cpus"] == ray_cpus
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_model_pod_memory_fits_sdxl_turbo(name: str) -> None:
+    service = rayservice(name)
+    config = AppConfig.model_validate(app_args(service))
+    group = worker_group(service, "model")
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    limit = quantity_bytes(resources["limits"]["memory"])
+    request = quantity_bytes(resources["requests"]["memory"])
+    reserved = int(config.replica.memory_gib * 1024**3)
+    assert int(group["rayStartParams"]["object-store-memory"]) == OBJECT_STORE_BYTES
+    assert MODEL_WEIGHTS_GIB < MODEL_PEAK_GIB <= config.replica.memory_gib == 20
+    assert reserved <= request == 24 * 1024**3
+    # Ray's memory resource on the node (limit minus object store) holds the reservation.
+    assert reserved + OBJECT_STORE_BYTES <= limit == 32 * 1024**3
+    assert model_deployment_options(config)["ray_actor_options"]["memory"] == reserved
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_head_runs_no_replica_and_ingress_fits(name: str) -> None:
+    service = rayservice(name)
+    config = AppConfig.model_validate(app_args(service))
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+    ingress = worker_group(service, "ingress")
+    per_pod = int(ingress["rayStartParams"]["num-cpus"])
+    assert per_pod < config.replica.num_cpus   # a model replica never fits an ingress pod
+    assert ingress["minReplicas"] * per_pod >= config.ingress.num_replicas * config.ingress.num_cpus
+    limit = ingress["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+    assert per_pod <= quantity_cpus(limit)
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_worker_pods_follow_serve_autoscaling(name: str) -> None:
+    service = rayservice(name)
+    auto = AppConfig.model_validate(app_args(service)).replica.autoscaling
+    assert auto is not None
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 8, 2.0)
+    group = worker_group(service, "model")
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (1, 1, 8)
+    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+# --- placement ------------------------------------------------------------------------------
+
+def test_base_has_no_node_pool_pin() -> None:
+    for template in pod_templates(rayservice("base")).values():
+        assert "nodeSelector" not in template["spec"]
+        assert "tolerations" not in template["spec"]
+
+
+def test_tdx_overlay_pins_every_pod_to_the_tdx_pool() -> None:
+    templates = pod_templates(rayservice("overlays/tdx"))
+    assert sorted(templates) == ["head", "ingress", "model"]
+    for template in templates.values():
+        assert template["spec"]["nodeSelector"] == TDX_LABEL
+        assert template["spec"]["tolerations"] == [{
+            "key": "nodepool-label", "operator": "Equal", "value": "tdx-vm-pool",
+            "effect": "NoSchedule"}]
+
+
+@pytest.mark.parametrize("name", ("overlays/g8i", "overlays/g8i-lite"))
+def test_g8i_overlays_pin_to_g8i_and_never_to_tdx(name: str) -> None:
+    templates = pod_templates(rayservice(name))
+    assert sorted(templates) == ["head", "ingress", "model"]
+    for template in templates.values():
+        assert template["spec"]["nodeSelector"] == G8I_LABEL
+        assert "tdx-vm-pool" not in yaml.safe_dump(template)
+
+
+def test_overlays_differ_from_base_only_where_intended() -> None:
+    base = rayservice("base")
+    for name, label in (("overlays/g8i", G8I_LABEL), ("overlays/tdx", TDX_LABEL)):
+        service = copy.deepcopy(rayservice(name))
+        for template in pod_templates(service).values():
+            assert template["spec"].pop("nodeSelector") == label
+            template["spec"].pop("tolerations", None)
+        service["spec"]["serveConfigV2"] = base["spec"]["serveConfigV2"]
+        assert service == base
