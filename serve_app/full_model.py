@@ -116,6 +116,21 @@ def build_full_pipeline(dtype: Any = None, seed: int = WEIGHTS_SEED):
     return pipe
 
 
+def save_random_tiny_vae(target: str | Path, dtype: Any = None) -> Path:
+    """AutoencoderTiny (taesdxl's architecture) with random weights: for speed runs only.
+
+    Real use points model.optimization.tiny_vae at a downloaded `madebyollin/taesdxl`.
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(WEIGHTS_SEED)
+    vae = AutoencoderTiny(scaling_factor=1.0).to(dtype or torch.bfloat16)
+    target = Path(target)
+    vae.save_pretrained(target, safe_serialization=True)
+    return target
+
+
 def save_full_model(target: str | Path, dtype: Any = None) -> Path:
     """Write the random-weight full-size model in diffusers format (~7 GB in bfloat16)."""
     target = Path(target)

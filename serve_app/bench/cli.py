@@ -41,12 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="also run plain diffusers eager first, in the same process, and "
                              "report the speed-up and the image difference")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with --compare: keep eager and optimised copies (2x RAM) and "
+                             "alternate their runs, for a ratio robust to load drift")
     parser.add_argument("--disable", action="append", default=[],
                         choices=OPTIMIZATION_SWITCHES, help="turn one optimisation off")
     parser.add_argument("--only", action="append", default=[], choices=OPTIMIZATION_SWITCHES,
                         help="turn every optimisation off except these")
     parser.add_argument("--tiny-vae", default=None,
-                        help="directory of an AutoencoderTiny to decode with (opt-in)")
+                        help="directory of an AutoencoderTiny to decode with (opt-in), or "
+                             "'random' for random weights (speed only)")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     load = parser.add_argument_group("HTTP load mode (no Ray started: it targets a URL)")
     load.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8000")
@@ -69,7 +73,13 @@ def optimization_options(args: argparse.Namespace) -> Any:
     fields: dict[str, Any] = {k: v for k, v in switches.items() if k != "prompt_cache"}
     if not switches["prompt_cache"]:
         fields["prompt_cache_size"] = 0
-    if args.tiny_vae:
+    if args.tiny_vae == "random":
+        import tempfile
+
+        from serve_app.full_model import save_random_tiny_vae
+
+        fields["tiny_vae"] = str(save_random_tiny_vae(tempfile.mkdtemp(prefix="tiny-vae-")))
+    elif args.tiny_vae:
         fields["tiny_vae"] = args.tiny_vae
     return OptimizationConfig(**fields)
 
@@ -87,7 +97,7 @@ def run_load_mode(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
-    from serve_app.bench.direct import format_direct, run_direct
+    from serve_app.bench.direct import format_direct, run_direct, run_interleaved
 
     if args.threads:
         import torch
@@ -96,11 +106,17 @@ def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
     backends = [args.backend]
     if args.compare and args.backend != "eager":
         backends.insert(0, "eager")
-    result = run_direct(
-        model=args.model, backends=backends, repeat=args.repeat, batch=args.batch,
-        steps=args.step, height=args.height, width=args.width, prompt=args.prompt,
-        seed=args.seed, warmup=args.warmup, dtype_name="bfloat16" if args.bf16 else "float32",
+    common = dict(
+        model=args.model, repeat=args.repeat, batch=args.batch, steps=args.step,
+        height=args.height, width=args.width, prompt=args.prompt, seed=args.seed,
+        warmup=args.warmup, dtype_name="bfloat16" if args.bf16 else "float32",
         options=optimization_options(args))
+    if args.interleave:
+        if backends != ["eager", "optimized"]:
+            raise SystemExit("--interleave needs --compare with --backend optimized")
+        result = run_interleaved(**common)
+    else:
+        result = run_direct(backends=backends, **common)
     result["mode"] = "direct"
     result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
     print(format_direct(result))

@@ -107,28 +107,42 @@ def generate(pipe: Any, prompts: list[str], seeds: list[int], *, steps: int, hei
     return _to_uint8(images)
 
 
+def warm(pipe: Any, *, warmup: int, batch: int, seed: int, height: int, width: int) -> None:
+    """Untimed 1-step runs: oneDNN primitive creation and allocator warm-up."""
+    for i in range(warmup):
+        generate(pipe, [f"warm-up {i}"] * batch, [seed] * batch, steps=1, height=height,
+                 width=width)
+
+
+def timed_run(pipe: Any, index: int, *, batch: int, steps: int, height: int, width: int,
+              prompt: str, seed: int, timer: StageTimer) -> tuple[dict[str, Any], np.ndarray]:
+    # A distinct prompt per run: the prompt cache never hits in timed runs.
+    prompts = [f"{prompt} (run {index}, image {j})" for j in range(batch)]
+    seeds = [seed + 1000 * index + j for j in range(batch)]
+    timer.reset()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    out = generate(pipe, prompts, seeds, steps=steps, height=height, width=width)
+    total = time.perf_counter() - started
+    # Process CPU seconds (all threads): less sensitive than wall time to other processes
+    # taking the cores, though OpenMP spin-waiting still counts in it.
+    run = {"total_s": total, "cpu_s": time.process_time() - cpu_started, **dict(timer.totals)}
+    if timer.calls.get("unet_s"):
+        run["unet_step_s"] = timer.totals["unet_s"] / timer.calls["unet_s"]
+    logger.info("run %d: %.2fs %s", index, total, run)
+    return run, out
+
+
 def run_backend(pipe: Any, *, repeat: int, batch: int, steps: int, height: int, width: int,
                 prompt: str, seed: int, warmup: int, timer: StageTimer
                 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """Warm-up runs (1 step, not reported) then `repeat` timed runs."""
-    for i in range(warmup):
-        generate(pipe, [f"warm-up {i}"] * batch, [seed] * batch, steps=1, height=height,
-                 width=width)
+    warm(pipe, warmup=warmup, batch=batch, seed=seed, height=height, width=width)
     runs, images = [], []
     for i in range(repeat):
-        # A distinct prompt per run: the prompt cache never hits in timed runs.
-        prompts = [f"{prompt} (run {i}, image {j})" for j in range(batch)]
-        seeds = [seed + 1000 * i + j for j in range(batch)]
-        timer.reset()
-        started = time.perf_counter()
-        out = generate(pipe, prompts, seeds, steps=steps, height=height, width=width)
-        total = time.perf_counter() - started
-        run = {"total_s": total, **{k: v for k, v in timer.totals.items()}}
-        if timer.calls.get("unet_s"):
-            run["unet_step_s"] = timer.totals["unet_s"] / timer.calls["unet_s"]
+        run, out = timed_run(pipe, i, batch=batch, steps=steps, height=height, width=width,
+                             prompt=prompt, seed=seed, timer=timer)
         runs.append(run)
         images.append(out)
-        logger.info("run %d: %.2fs %s", i, total, run)
     return runs, images
 
 
@@ -249,6 +263,61 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
     return result
 
 
+def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: int,
+                    width: int, prompt: str, seed: int, warmup: int, dtype_name: str,
+                    options: Any = None) -> dict[str, Any]:
+    """Eager and optimised pipelines side by side (two copies in memory, ~2x RAM), runs
+    alternating E,O,O,E,E,O...: slow drifts in machine load hit both equally, and each
+    pair gives its own ratio."""
+    import copy
+
+    import torch
+
+    from serve_app.config import OptimizationConfig
+    from serve_app.optimize import optimize_pipeline
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    started = time.perf_counter()
+    eager, label = load_pipeline(model, dtype)
+    load_s = time.perf_counter() - started
+    optimized = copy.deepcopy(eager)
+    stage = time.perf_counter()
+    applied = optimize_pipeline(optimized, options or OptimizationConfig())
+    optimize_s = time.perf_counter() - stage
+    pipes = {"eager": eager, "optimized": optimized}
+    timers = {name: StageTimer() for name in pipes}
+    for name, pipe in pipes.items():
+        instrument(pipe, timers[name])
+        warm(pipe, warmup=warmup, batch=batch, seed=seed, height=height, width=width)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in pipes}
+    images: dict[str, list[np.ndarray]] = {name: [] for name in pipes}
+    ratios = []
+    for i in range(repeat):
+        order = ("eager", "optimized") if i % 2 == 0 else ("optimized", "eager")
+        for name in order:
+            run, out = timed_run(pipes[name], i, batch=batch, steps=steps, height=height,
+                                 width=width, prompt=prompt, seed=seed, timer=timers[name])
+            runs[name].append(run)
+            images[name].append(out)
+        ratios.append(runs["eager"][-1]["total_s"] / runs["optimized"][-1]["total_s"])
+    result: dict[str, Any] = {
+        "config": {"model": model, "model_label": label, "height": height, "width": width,
+                   "batch": batch, "steps": steps, "repeat": repeat, "warmup": warmup,
+                   "dtype": dtype_name, "prompt": prompt, "seed": seed, "load_s": load_s,
+                   "interleaved": True},
+        "environment": environment(),
+        "backends": {name: summarize_runs(runs[name], batch) for name in pipes},
+    }
+    base = result["backends"]["eager"]["median"]["total_s"]
+    for name, entry in result["backends"].items():
+        entry["speedup_vs_eager"] = base / entry["median"]["total_s"]
+    opt = result["backends"]["optimized"]
+    opt.update(applied=applied, optimize_s=optimize_s, pair_speedups=ratios,
+               median_pair_speedup=statistics.median(ratios),
+               image_diff_vs_eager=image_difference(images["eager"], images["optimized"]))
+    return result
+
+
 def format_direct(result: dict[str, Any]) -> str:
     cfg, env = result["config"], result["environment"]
     lines = [
@@ -257,7 +326,7 @@ def format_direct(result: dict[str, Any]) -> str:
         f"repeat {cfg['repeat']} (median)",
         f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
         f"diffusers {env['diffusers']}, {env['date']}",
-        f"{'backend':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'unet/step':>10} "
+        f"{'backend':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'cpu s':>7} {'unet/step':>10} "
         f"{'vae':>7} {'text':>7} {'img/s':>7} {'speedup':>8} {'mean|d|':>8} {'max|d|':>7}",
     ]
     for name, entry in result["backends"].items():
@@ -268,11 +337,16 @@ def format_direct(result: dict[str, Any]) -> str:
         diff = entry.get("image_diff_vs_eager", {})
         lines.append(
             f"{name:<10} {med['total_s']:>9.2f} {entry['min_total_s']:>8.2f} "
-            f"{entry['max_total_s']:>8.2f} {med.get('unet_step_s', float('nan')):>10.2f} "
+            f"{entry['max_total_s']:>8.2f} {med.get('cpu_s', float('nan')):>7.1f} "
+            f"{med.get('unet_step_s', float('nan')):>10.2f} "
             f"{med.get('vae_decode_s', float('nan')):>7.2f} "
             f"{med.get('text_encoders_s', float('nan')):>7.2f} {entry['images_per_s']:>7.3f} "
             f"{entry.get('speedup_vs_eager', float('nan')):>7.2f}x "
             f"{diff.get('mean_abs', 0.0):>8.3f} {diff.get('max_abs', 0):>7}")
         if entry.get("applied"):
             lines.append(f"{'':<10} applied: {', '.join(entry['applied'])}")
+        if entry.get("pair_speedups"):
+            pairs = ", ".join(f"{r:.2f}x" for r in entry["pair_speedups"])
+            lines.append(f"{'':<10} interleaved pairs: {pairs} "
+                         f"(median {entry['median_pair_speedup']:.2f}x)")
     return "\n".join(lines)

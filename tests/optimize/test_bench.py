@@ -111,3 +111,15 @@ def test_run_load_against_a_local_server():
     assert summary["succeeded"] == 16 and summary["status_codes"]["503"] == 4
     assert summary["images"] == 32
     assert summary["generation_s_p50"] == 0.01
+
+
+def test_bench_cli_interleaved(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--model", str(tiny_model_dir), "--repeat", "2", "--step", "1", "--warmup", "0",
+          "--height", "64", "--width", "64", "--compare", "--interleave", "--json", str(out)])
+    data = json.loads(out.read_text())
+    optimized = data["backends"]["optimized"]
+    assert data["config"]["interleaved"] is True
+    assert len(optimized["pair_speedups"]) == 2 and "median_pair_speedup" in optimized
+    assert len(data["backends"]["eager"]["runs"]) == 2
+    assert "cpu_s" in data["backends"]["eager"]["median"]

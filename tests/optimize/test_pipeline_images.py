@@ -90,3 +90,17 @@ def test_defaults_apply_everything_within_tolerance(tiny_model_dir, eager_images
     # Applying twice does not wrap the prompt cache twice.
     assert "prompt_cache" not in optimize_pipeline(pipe, OptimizationConfig(**dict(
         ALL_OFF, prompt_cache_size=8)))
+
+
+def test_tiny_vae_is_opt_in_and_loads_from_a_directory(tiny_model_dir, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from serve_app.full_model import save_random_tiny_vae
+
+    assert OptimizationConfig().tiny_vae is None
+    path = save_random_tiny_vae(tmp_path / "taesdxl")
+    pipe = load(tiny_model_dir)
+    applied = optimize_pipeline(pipe, OptimizationConfig(**dict(ALL_OFF, tiny_vae=str(path))))
+    assert applied == ["tiny_vae"] and isinstance(pipe.vae, AutoencoderTiny)
+    out = images(pipe)  # random decoder weights: only the shape is meaningful
+    assert out.shape == (3, 128, 128, 3) and out.dtype == np.uint8
