@@ -329,9 +329,17 @@ def load_tiny_vae(path: str, dtype: torch.dtype) -> nn.Module:
     return AutoencoderTiny.from_pretrained(path, torch_dtype=dtype).eval().requires_grad_(False)
 
 
-def optimize_pipeline(pipe: Any, options: OptimizationConfig) -> list[str]:
-    """Apply the switched-on levers to a CPU pipeline in place; returns what was applied."""
+def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
+                      backend: str = "torch") -> list[str]:
+    """Apply the switched-on levers to a CPU pipeline in place; returns what was applied.
+
+    With backend "ipex", IPEX prepacks and fuses the weights itself (ipex.optimize after
+    this), so only channels_last, the tiny VAE and the prompt cache are applied here.
+    """
     applied: list[str] = []
+    if backend == "ipex":
+        options = options.model_copy(update={"prepack_linear": False, "prepack_conv": False,
+                                             "fuse_geglu": False, "fuse_attention": False})
     tiny_vae = getattr(options, "tiny_vae", None)
     if tiny_vae:
         pipe.vae = load_tiny_vae(tiny_vae, pipe.unet.dtype)

@@ -90,7 +90,7 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     if device == "cpu":
         from serve_app.optimize import optimize_pipeline
 
-        applied = optimize_pipeline(pipe, model_cfg.optimization)
+        applied = optimize_pipeline(pipe, model_cfg.optimization, backend=backend.name)
     else:
         applied = []
     apply_ipex(backend, pipe, dtype)

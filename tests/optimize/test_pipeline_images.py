@@ -104,3 +104,11 @@ def test_tiny_vae_is_opt_in_and_loads_from_a_directory(tiny_model_dir, tmp_path)
     assert applied == ["tiny_vae"] and isinstance(pipe.vae, AutoencoderTiny)
     out = images(pipe)  # random decoder weights: only the shape is meaningful
     assert out.shape == (3, 128, 128, 3) and out.dtype == np.uint8
+
+
+def test_ipex_backend_leaves_weights_to_ipex(tiny_model_dir):
+    pipe = load(tiny_model_dir)
+    before = module_types(pipe)
+    applied = optimize_pipeline(pipe, OptimizationConfig(), backend="ipex")
+    assert applied == ["channels_last", "prompt_cache"]
+    assert module_types(pipe) == before
