@@ -54,9 +54,12 @@ def model_deployment_options(config: AppConfig) -> dict[str, Any]:
 
 def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
     ingress = config.ingress
+    actor_options: dict[str, Any] = {"num_cpus": ingress.num_cpus}
+    if ingress.resources:
+        actor_options["resources"] = dict(ingress.resources)
     return {
         "num_replicas": ingress.num_replicas,
-        "ray_actor_options": {"num_cpus": ingress.num_cpus},
+        "ray_actor_options": actor_options,
         "max_ongoing_requests": ingress.max_ongoing_requests,
         "max_queued_requests": ingress.max_queued_requests,
     }

@@ -63,6 +63,31 @@ def group_by_shape(items: Sequence[GenerationItem]) -> list[ShapeGroup]:
     return [ShapeGroup(key, tuple(indices)) for key, indices in order.items()]
 
 
+def split_by_images(group: ShapeGroup, items: Sequence[GenerationItem],
+                    max_images: int) -> list[ShapeGroup]:
+    """Cut a shape group into runs of at most `max_images` images, keeping order. An item
+    larger than the cap runs alone (requests are validated against it up front)."""
+    chunks: list[ShapeGroup] = []
+    current: list[int] = []
+    images = 0
+    for index in group.indices:
+        count = items[index].count
+        if current and images + count > max_images:
+            chunks.append(ShapeGroup(group.key, tuple(current)))
+            current, images = [], 0
+        current.append(index)
+        images += count
+    if current:
+        chunks.append(ShapeGroup(group.key, tuple(current)))
+    return chunks
+
+
+def plan_pipeline_calls(items: Sequence[GenerationItem], max_images: int) -> list[ShapeGroup]:
+    """The pipeline calls for one Serve batch: by shape, then by the image cap."""
+    return [chunk for group in group_by_shape(items)
+            for chunk in split_by_images(group, items, max_images)]
+
+
 def scatter(groups: Sequence[ShapeGroup], group_results: Sequence[Sequence[T]],
             total: int) -> list[T]:
     """Put each group's per-item results back at the items' original positions."""

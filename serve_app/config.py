@@ -77,6 +77,9 @@ class BatchingConfig(StrictModel):
     # 0 means: run what is queued now. Under load the queue fills while the previous batch
     # runs, so batches still form, and a lone request never waits for company.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
+    # Images in one pipeline call: bounds the activations (the VAE decodes a call in one
+    # pass), so a batch of large requests can't run the replica out of memory.
+    max_images_per_call: int = Field(default=8, ge=1, le=64)
 
 
 class AutoscalingConfig(StrictModel):
@@ -116,6 +119,9 @@ class IngressConfig(StrictModel):
     num_cpus: float = Field(default=0.5, ge=0)
     max_ongoing_requests: int = Field(default=64, ge=1)
     max_queued_requests: int = Field(default=256, ge=1)
+    # Ray custom resources the ingress needs: pins ingress replicas to pods/nodes that
+    # advertise them (e.g. {"ingress": 1}), so they never take room on a model pod.
+    resources: dict[str, float] = Field(default_factory=dict)
     # Overrides the scheme://host in image URLs (behind a proxy or a load balancer).
     public_base_url: str | None = None
     # A request that takes longer gets 504, never a hang.

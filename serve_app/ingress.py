@@ -120,6 +120,10 @@ def parse_request(body: bytes, config: AppConfig,
     if len(request.prompt) > limits.max_prompt_chars:
         raise InvalidRequest(f"prompt must be at most {limits.max_prompt_chars} characters",
                              field="prompt")
+    if request.batch > config.batching.max_images_per_call:
+        raise InvalidRequest(
+            f"batch must be <= {config.batching.max_images_per_call} (images per model call)",
+            field="batch")
     if request.number * request.batch > limits.max_images_per_request:
         raise InvalidRequest(
             f"number x batch must be <= {limits.max_images_per_request}", field="number")

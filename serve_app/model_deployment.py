@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.batching import GenerationItem, group_by_shape, scatter
+from serve_app.batching import GenerationItem, plan_pipeline_calls, scatter
 from serve_app.config import AppConfig, BatchingConfig
 from serve_app.generator import ImageGenerator, load_factory
 from serve_app.tee import check_tee
@@ -43,11 +43,13 @@ class Text2ImageModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._pipeline_calls = 0
+        self._max_images_per_call = self.config.batching.max_images_per_call
         logger.info("model replica ready in %.2fs: %s", time.perf_counter() - started,
                     self.generator.info)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig.model_validate(user_config)
+        self._max_images_per_call = batching.max_images_per_call
         self._generate_batch.set_max_batch_size(batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         logger.info("batching set to %s", batching.model_dump())
@@ -66,7 +68,7 @@ class Text2ImageModel:
     async def _generate_batch(self, items: list[GenerationItem]) -> list[dict[str, Any]]:
         self._batch_sizes.append(len(items))
         loop = asyncio.get_running_loop()
-        groups = group_by_shape(items)
+        groups = plan_pipeline_calls(items, self._max_images_per_call)
         results = []
         for group in groups:
             members = [items[i] for i in group.indices]

@@ -55,15 +55,34 @@ def test_generation_detects_drift(tmp_path, monkeypatch) -> None:
     assert generate.stale() == [generate.BASE_RAYSERVICE, generate.TDX_PATCH]
 
 
+def in_cluster(config: dict) -> dict:
+    """configs/production.yaml plus the ingress resource only the ingress pods offer."""
+    config["applications"][0]["args"]["ingress"]["resources"] = {"ingress": 1}
+    return config
+
+
 @pytest.mark.parametrize("name", ("base", "overlays/g8i", "overlays/g8i-lite"))
 def test_serve_config_is_production_yaml(name: str) -> None:
-    assert serve_config(rayservice(name)) == production()
+    assert serve_config(rayservice(name)) == in_cluster(production())
 
 
 def test_tdx_serve_config_is_production_yaml_plus_require_tee() -> None:
-    expected = production()
+    expected = in_cluster(production())
     expected["applications"][0]["args"]["security"] = {"require_tee": True}
     assert serve_config(rayservice("overlays/tdx")) == expected
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_only_ingress_pods_offer_the_ingress_resource(name: str) -> None:
+    import json
+
+    spec = rayservice(name)["spec"]["rayClusterConfig"]
+    offered = {
+        group["groupName"]: json.loads(json.loads(group["rayStartParams"]["resources"]))
+        for group in spec["workerGroupSpecs"] if "resources" in group["rayStartParams"]
+    }
+    assert offered == {"ingress": {"ingress": 1000}}
+    assert "resources" not in spec["headGroupSpec"]["rayStartParams"]
 
 
 # --- Ray's schema and the app's own config ---------------------------------------------------

@@ -5,6 +5,7 @@ from serve_app.batching import (
     flatten_group,
     group_by_shape,
     image_seed,
+    plan_pipeline_calls,
     scatter,
     split_images,
 )
@@ -59,3 +60,18 @@ def test_image_seeds_are_stable_and_distinct():
 def test_item_round_trips_through_dict():
     original = item(prompt="x", call_index=2, count=3)
     assert GenerationItem.from_dict(original.to_dict()) == original
+
+
+def test_pipeline_calls_are_capped_by_images():
+    items = [item(count=3), item(count=3), item(size=1024, count=8), item(count=2),
+             item(count=1)]
+    calls = plan_pipeline_calls(items, max_images=6)
+    assert [(c.key, c.indices) for c in calls] == [
+        ((512, 512, 4), (0, 1)),
+        ((512, 512, 4), (3, 4)),
+        ((1024, 1024, 4), (2,)),  # larger than the cap: runs alone
+    ]
+    assert [c.indices for c in plan_pipeline_calls(items, max_images=64)] == [
+        (0, 1, 3, 4), (2,)]
+    groups = plan_pipeline_calls(items, max_images=2)
+    assert scatter(groups, [[i for i in g.indices] for g in groups], 5) == [0, 1, 2, 3, 4]

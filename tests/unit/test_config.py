@@ -66,7 +66,8 @@ def test_model_options_follow_the_config():
     assert options["ray_actor_options"] == {"num_cpus": 14, "memory": 20 * 1024**3}
     assert options["max_ongoing_requests"] == 8
     assert options["max_queued_requests"] == 10
-    assert options["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+    assert options["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05,
+                                      "max_images_per_call": 8}
     assert options["autoscaling_config"]["min_replicas"] == 0
     assert options["autoscaling_config"]["initial_replicas"] == 1
     assert options["autoscaling_config"]["max_replicas"] == 3
@@ -78,6 +79,9 @@ def test_ingress_options():
         {"ingress": {"num_replicas": 3, "num_cpus": 0.25}}))
     assert options["num_replicas"] == 3
     assert options["ray_actor_options"] == {"num_cpus": 0.25}
+    pinned = ingress_deployment_options(AppConfig.model_validate(
+        {"ingress": {"resources": {"ingress": 1}}}))
+    assert pinned["ray_actor_options"] == {"num_cpus": 0.5, "resources": {"ingress": 1}}
 
 
 def test_there_are_configs():

@@ -45,7 +45,8 @@ def test_reference_request_gets_defaults():
     ({"prompt": "p", "step": True}, "step"),
     ({"prompt": "p", "number": 0}, "number"),
     ({"prompt": "p", "batch": -1}, "batch"),
-    ({"prompt": "p", "number": 4, "batch": 5}, "number"),
+    ({"prompt": "p", "number": 2, "batch": 9}, "batch"),
+    ({"prompt": "p", "number": 3, "batch": 6}, "number"),
     ({"prompt": "p", "seed": -1}, "seed"),
     ({"prompt": "p", "steps": 4}, "steps"),
 ])
