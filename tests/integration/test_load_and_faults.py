@@ -77,3 +77,18 @@ def test_killed_replica_under_load_is_replaced_and_requests_are_retried(serve_ur
     assert codes == [200] * 30
     assert post(url, {"prompt": "after"}).status_code == 200
     serve.delete("chaos")
+
+
+def test_a_request_past_its_timeout_gets_504_not_a_hang(serve_url, tmp_path):
+    from ray import serve
+
+    deploy("timeout", "/timeout", fake_args(
+        tmp_path, model={"generator_options": {"delay_s": 5.0}},
+        ingress={"request_timeout_s": 1.0}))
+    started = time.monotonic()
+    response = post(f"{serve_url}/timeout", {"prompt": "slow"}, timeout=30)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert elapsed < 4.0
+    serve.delete("timeout")

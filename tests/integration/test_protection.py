@@ -1,5 +1,9 @@
 """API keys and confidential mode, through real Ray Serve."""
 
+import time
+import uuid
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -53,3 +57,33 @@ def test_require_tee_outside_a_tee_refuses_to_start(serve_url, tmp_path):
     assert "not an Intel TDX guest" in status["Text2ImageModel"].message
     assert "not an Intel TDX guest" in status["Ingress"].message
     serve.delete("no-tee")
+
+
+def test_images_are_deleted_after_their_ttl(serve_url, tmp_path):
+    from ray import serve
+
+    deploy("ttl", "/ttl", fake_args(tmp_path, store={"ttl_s": 1.0, "cleanup_interval_s": 0.5}))
+    body = post(f"{serve_url}/ttl", {"prompt": "ephemeral"}).json()
+    url = body["output"][0]["url"]
+    assert httpx.get(url).status_code == 200
+    deadline = time.monotonic() + 15
+    while httpx.get(url).status_code == 200:
+        assert time.monotonic() < deadline, "image outlived its TTL by 14 s"
+        time.sleep(0.25)
+    assert httpx.get(url).status_code == 404
+    assert not (tmp_path / body["id"]).exists()
+    serve.delete("ttl")
+
+
+def test_prompts_never_reach_the_logs(fake_app):
+    import ray
+
+    marker = f"confidential-prompt-{uuid.uuid4().hex}"
+    assert post(fake_app, {"prompt": marker}).status_code == 200
+    assert post(fake_app, {"prompt": marker, "size": "9x9"}).status_code == 422
+    time.sleep(2)  # let Ray flush worker logs
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    leaked = [p.name for p in files if marker.encode() in p.read_bytes()]
+    assert leaked == []
