@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serve_app.auth import ApiKeys
 from serve_app.batching import GenerationItem
@@ -51,6 +52,7 @@ from serve_app.jobs import (
     post_callback,
     record_name,
 )
+from serve_app.metrics import ingress_metrics, record_error
 from serve_app.schemas import (
     Text2ImageRequest,
     Text2ImageResponse,
@@ -65,6 +67,8 @@ READY_PROBE_TIMEOUT_S = 3.0
 # A call whose replica died is sent again (to a live replica): seeded generation is
 # idempotent, so the client gets its images instead of an error.
 REPLICA_LOST_RETRIES = 2
+# The playground page at `/`: plain HTML/JS calling the API with relative URLs.
+PLAYGROUND_PAGE = Path(__file__).parent / "static" / "index.html"
 
 app = FastAPI(
     title="SDXL-Turbo text-to-image",
@@ -75,12 +79,14 @@ app = FastAPI(
 
 @app.exception_handler(ServiceError)
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    record_error(exc.code)
     return to_response(exc)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    record_error(InvalidRequest.code)
     return to_response(InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))))
 
 
@@ -88,6 +94,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     request_id = uuid.uuid4().hex
     logger.exception("unhandled error, request %s", request_id)
+    record_error(ServiceError.code)
     return to_response(ServiceError("internal error", request_id=request_id))
 
 
@@ -190,6 +197,10 @@ class Ingress:
     def _base_url(self, request: Request) -> str:
         base = self.config.ingress.public_base_url or str(request.base_url)
         return base.rstrip("/")
+
+    @app.get("/", include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -317,8 +328,14 @@ class Ingress:
         return results
 
     async def _store_images(self, request_id: str, images: list[list[Any]]) -> None:
+        encode_metrics = ingress_metrics()
+
         def encode_and_put(name: str, pixels: Any) -> None:
-            self.store.put(request_id, name, encode_png(pixels))
+            start = time.perf_counter()
+            data = encode_png(pixels)
+            encode_metrics.record_encode("grid" if name == GRID_NAME else "image",
+                                         time.perf_counter() - start)
+            self.store.put(request_id, name, data)
 
         jobs = [
             asyncio.to_thread(encode_and_put, image_name(i, j), pixels)

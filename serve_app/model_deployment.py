@@ -19,6 +19,7 @@ from ray import serve
 from serve_app.batching import GenerationItem, plan_pipeline_calls, scatter
 from serve_app.config import AppConfig, BatchingConfig
 from serve_app.generator import ImageGenerator, load_factory
+from serve_app.metrics import ModelMetrics
 from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
@@ -44,6 +45,9 @@ class Text2ImageModel:
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._pipeline_calls = 0
         self._max_images_per_call = self.config.batching.max_images_per_call
+        self._metrics = ModelMetrics()
+        # id(call) -> when it reached this replica, for the queue-wait metric.
+        self._arrivals: dict[int, float] = {}
         logger.info("model replica ready in %.2fs: %s", time.perf_counter() - started,
                     self.generator.info)
 
@@ -62,11 +66,19 @@ class Text2ImageModel:
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         """One call: `count` images of one prompt. Returns images as HxWx3 uint8 arrays."""
-        return await self._generate_batch(GenerationItem.from_dict(item))
+        call = GenerationItem.from_dict(item)
+        self._arrivals[id(call)] = time.perf_counter()
+        try:
+            return await self._generate_batch(call)
+        finally:
+            self._arrivals.pop(id(call), None)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
     async def _generate_batch(self, items: list[GenerationItem]) -> list[dict[str, Any]]:
         self._batch_sizes.append(len(items))
+        now = time.perf_counter()
+        self._metrics.record_batch(len(items),
+                                   [now - self._arrivals.get(id(it), now) for it in items])
         loop = asyncio.get_running_loop()
         groups = plan_pipeline_calls(items, self._max_images_per_call)
         results = []
@@ -83,6 +95,9 @@ class Text2ImageModel:
                 results.append([{"error": f"{type(exc).__name__}"}] * len(members))
                 continue
             elapsed = time.perf_counter() - start
+            first = members[0]
+            self._metrics.record_pipeline_call(first.width, first.height, first.steps,
+                                               sum(m.count for m in members), elapsed)
             results.append([
                 {"images": imgs, "pipeline_s": elapsed, "batch_size": len(items)}
                 for imgs in images

@@ -1,0 +1,159 @@
+"""The playground page at `/`, driven in headless Chromium against real Ray Serve.
+
+Needs the Debian packages `chromium` and `chromium-driver` and the `selenium` Python package.
+Without them the test is skipped, or fails when the CI environment variable is set.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import post
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN", "/usr/bin/chromedriver")
+WAIT_S = 60
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1200,1400",
+]
+
+
+def _unavailable(reason: str) -> None:
+    message = (f"{reason}; install it with `apt-get install -y chromium chromium-driver` "
+               "and `pip install selenium`")
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def browser():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _unavailable("the selenium package is not installed")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            _unavailable(f"{path} is not installed")
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    # An explicit driver path: selenium-manager never downloads anything.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(driver, condition, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(
+        condition, message=f"timed out after {WAIT_S}s waiting for {what}")
+
+
+def _natural_size(driver, element) -> tuple[int, int]:
+    size = driver.execute_script(
+        "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", element)
+    return size[0], size[1]
+
+
+def _loaded(element_js: str):
+    script = (f"const img = {element_js}; "
+              "return !!img && img.complete && img.naturalWidth > 0;")
+    return lambda driver: driver.execute_script(script)
+
+
+def test_page_is_served_at_the_root_of_the_route_prefix(fake_app):
+    # Without the trailing slash, Starlette redirects to it (so relative URLs resolve).
+    bare = httpx.get(fake_app)
+    assert bare.status_code == 307
+    assert bare.headers["location"] == f"{fake_app}/"
+    for url in (fake_app, f"{fake_app}/"):
+        response = httpx.get(url, follow_redirects=True)
+        assert str(response.url) == f"{fake_app}/"
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/html; charset=utf-8"
+        assert "<title>SDXL-Turbo playground</title>" in response.text
+        # Relative API path: the page must work under any route_prefix.
+        assert '"api/text2image"' in response.text
+        assert '"/api/text2image"' not in response.text
+    # The page is not part of the API schema.
+    assert "/" not in httpx.get(f"{fake_app}/openapi.json").json()["paths"]
+
+
+def test_playground_generates_and_shows_errors(fake_app, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    # 1. Load the page (under the /fake route prefix, no trailing slash).
+    browser.get(fake_app)
+    assert browser.title == "SDXL-Turbo playground"
+
+    # 2. Submit a prompt: 512x512, 2 steps, 2 images (so there is a grid).
+    browser.find_element(By.ID, "prompt").send_keys("a lighthouse at dusk")
+    Select(browser.find_element(By.ID, "size")).select_by_value("512x512")
+    for field, value in (("steps", "2"), ("number", "2")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "submit").click()
+
+    # 3. Wait for the images and the grid to load.
+    _wait(browser, _loaded("document.querySelectorAll('img.result-image')[1]"), "the images")
+    _wait(browser, _loaded("document.getElementById('grid')"), "the grid")
+
+    # 4. The images are 512x512; the grid of 2 is one row of two.
+    images = browser.find_elements(By.CSS_SELECTOR, "img.result-image")
+    assert len(images) == 2
+    assert [_natural_size(browser, img) for img in images] == [(512, 512), (512, 512)]
+    assert _natural_size(browser, browser.find_element(By.ID, "grid")) == (1024, 512)
+    assert browser.find_element(By.ID, "grid-section").is_displayed()
+    urls = [img.get_attribute("src") for img in images]
+    assert urls[0].startswith(f"{fake_app}/images/") and urls[0].endswith("/0_0.png")
+    assert urls[1].endswith("/1_0.png")
+    captions = [el.text for el in browser.find_elements(By.CSS_SELECTOR, "figcaption .latency")]
+    assert [c.split(" · ")[0] for c in captions] == ["0_0.png", "1_0.png"]
+    assert all(c.split(" · ")[1].endswith(" s") for c in captions)
+    summary = browser.find_element(By.ID, "summary").text
+    assert summary.startswith("2 image(s) in ")
+    assert " · 512x512 · 2 step(s) · seed " in summary
+    assert not browser.find_element(By.ID, "error").is_displayed()
+
+    if os.environ.get("SDXL_SCREENSHOT_DIR"):
+        target = Path(os.environ["SDXL_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(target / "playground.png"))
+
+    # 5. An empty prompt: the API's 422 is shown as a readable message naming the field.
+    expected = post(fake_app, {"prompt": "", "size": "512x512", "step": 2, "number": 2})
+    assert expected.status_code == 422
+    api_error = expected.json()["error"]
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "submit").click()
+    error = browser.find_element(By.ID, "error")
+    _wait(browser, lambda _: error.is_displayed(), "the error message")
+    assert error.find_element(By.TAG_NAME, "strong").text == f"prompt: {api_error['message']}"
+    assert error.find_element(By.TAG_NAME, "span").text == "HTTP 422 · invalid_request"
+    assert browser.find_elements(By.CSS_SELECTOR, "img.result-image") == []
+    assert not browser.find_element(By.ID, "grid-section").is_displayed()
+    assert browser.find_element(By.ID, "status").text == "Failed."
+
+    if os.environ.get("SDXL_SCREENSHOT_DIR"):
+        target = Path(os.environ["SDXL_SCREENSHOT_DIR"]) / "playground-error.png"
+        browser.save_screenshot(str(target))
