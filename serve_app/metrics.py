@@ -12,6 +12,10 @@ Replica count: no custom gauge. Ray Serve's controller exports
 replica); `sum by (deployment) (...)` is the live replica count. A gauge set inside a
 replica would keep its last value after the replica died.
 
+Ray's exporter approximates a histogram's `_sum` from bucket midpoints (buckets and
+`_count` are exact), so means come from counters: the mean batch size is
+`rate(ray_sdxl_batched_calls_total) / rate(ray_sdxl_batch_size_count)`.
+
 No torch, diffusers or PIL here: the ingress imports this module.
 """
 
@@ -23,6 +27,7 @@ import threading
 IMAGES_GENERATED = "sdxl_images_generated"
 PIPELINE_LATENCY = "sdxl_pipeline_latency_seconds"
 BATCH_SIZE = "sdxl_batch_size"
+BATCHED_CALLS = "sdxl_batched_calls"
 QUEUE_WAIT = "sdxl_queue_wait_seconds"
 ENCODE_TIME = "sdxl_png_encode_seconds"
 ERRORS = "sdxl_errors"
@@ -32,6 +37,7 @@ METRICS: dict[str, str] = {
     IMAGES_GENERATED: "counter",
     PIPELINE_LATENCY: "histogram",
     BATCH_SIZE: "histogram",
+    BATCHED_CALLS: "counter",
     QUEUE_WAIT: "histogram",
     ENCODE_TIME: "histogram",
     ERRORS: "counter",
@@ -71,6 +77,8 @@ class ModelMetrics:
             boundaries=LATENCY_BUCKETS_S, tag_keys=("size", "steps"))
         self.batch_size = metrics.Histogram(
             BATCH_SIZE, description="Calls per Serve batch.", boundaries=BATCH_BUCKETS)
+        self.batched_calls = metrics.Counter(
+            BATCHED_CALLS, description="Calls that ran in Serve batches (sum of batch sizes).")
         self.queue_wait = metrics.Histogram(
             QUEUE_WAIT,
             description="Seconds a call waited in the model replica before its batch ran.",
@@ -78,6 +86,7 @@ class ModelMetrics:
 
     def record_batch(self, size: int, waits_s: list[float]) -> None:
         self.batch_size.observe(size)
+        self.batched_calls.inc(size)
         for wait in waits_s:
             self.queue_wait.observe(max(wait, 0.0))
 
