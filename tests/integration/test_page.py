@@ -97,7 +97,7 @@ def test_page_is_served_at_the_root_of_the_route_prefix(fake_app):
     assert "/" not in httpx.get(f"{fake_app}/openapi.json").json()["paths"]
 
 
-def test_playground_generates_and_shows_errors(fake_app, browser):
+def test_playground_generates_and_shows_errors(browser, fake_app):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
