@@ -309,7 +309,7 @@ def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: 
         "backends": {name: summarize_runs(runs[name], batch) for name in pipes},
     }
     base = result["backends"]["eager"]["median"]["total_s"]
-    for name, entry in result["backends"].items():
+    for entry in result["backends"].values():
         entry["speedup_vs_eager"] = base / entry["median"]["total_s"]
     opt = result["backends"]["optimized"]
     opt.update(applied=applied, optimize_s=optimize_s, pair_speedups=ratios,
