@@ -98,6 +98,7 @@ class _FakeService(BaseHTTPRequestHandler):
 
 
 def test_run_load_against_a_local_server():
+    _FakeService.count = 0  # every 5th request fails
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeService)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -123,3 +124,23 @@ def test_bench_cli_interleaved(tiny_model_dir, tmp_path):
     assert len(optimized["pair_speedups"]) == 2 and "median_pair_speedup" in optimized
     assert len(data["backends"]["eager"]["runs"]) == 2
     assert "cpu_s" in data["backends"]["eager"]["median"]
+
+
+def test_bench_cli_load_mode_writes_json(tmp_path, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeService)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "load.json"
+    try:
+        main(["--url", f"http://127.0.0.1:{server.server_address[1]}", "-n", "6", "-c", "2",
+              "--width", "512", "--height", "512", "--step", "4", "--json", str(out)])
+    finally:
+        server.shutdown()
+    data = json.loads(out.read_text())
+    assert data["mode"] == "load"
+    assert data["body"] == {"prompt": data["body"]["prompt"], "size": "512x512", "step": 4,
+                            "batch": 1, "number": 1}
+    summary = data["summary"]
+    assert summary["requests"] == 6
+    assert {"p50", "p90", "p95", "p99"} <= set(summary["latency_s"])
+    assert {"success_rate", "images_per_s", "serve_overhead_p50_s"} <= set(summary)
+    assert "serve overhead" in capsys.readouterr().out
