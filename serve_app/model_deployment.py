@@ -44,6 +44,8 @@ class Text2ImageModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._pipeline_calls = 0
+        # Until Serve calls reconfigure() with the deployment's user_config.
+        self._batching = self.config.batching
         self._max_images_per_call = self.config.batching.max_images_per_call
         self._metrics = ModelMetrics()
         # id(call) -> when it reached this replica, for the queue-wait metric.
@@ -53,6 +55,7 @@ class Text2ImageModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig.model_validate(user_config)
+        self._batching = batching
         self._max_images_per_call = batching.max_images_per_call
         self._generate_batch.set_max_batch_size(batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -62,7 +65,8 @@ class Text2ImageModel:
         return dict(self.generator.info)
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self._batch_sizes), "pipeline_calls": self._pipeline_calls}
+        return {"batch_sizes": list(self._batch_sizes), "pipeline_calls": self._pipeline_calls,
+                "batching": self._batching.model_dump()}
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         """One call: `count` images of one prompt. Returns images as HxWx3 uint8 arrays."""

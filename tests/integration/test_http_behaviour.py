@@ -113,3 +113,4 @@ def test_full_queue_gets_503_with_retry_after(serve_url, tmp_path):
     from ray import serve
 
     serve.delete("slow")
+

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import ingress_deployment_options, model_deployment_options
-from serve_app.config import AppConfig, parse_size
+from serve_app.config import AppConfig, BatchingConfig, parse_size
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -95,7 +95,11 @@ def test_every_config_file_validates(path):
     for application in document["applications"]:
         assert application["import_path"] == "serve_app.app:build_app"
         # Deployment options are derived from args by build_app; a config that also sets
-        # them in `deployments:` could silently disagree.
-        assert "deployments" not in application
+        # them in `deployments:` could silently disagree. The one override allowed is the
+        # model's user_config: live batching changes, validated by reconfigure().
+        for deployment in application.get("deployments", []):
+            assert deployment["name"] == "Text2ImageModel"
+            assert set(deployment) == {"name", "user_config"}
+            BatchingConfig.model_validate(deployment["user_config"])
         config = AppConfig.model_validate(application["args"])
         assert config.model_max_ongoing_requests >= config.batching.max_batch_size
