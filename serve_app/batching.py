@@ -27,6 +27,8 @@ class GenerationItem:
     # Index of this call within its request: separates the seeds of calls 0..number-1.
     call_index: int = 0
     count: int = 1
+    # Set for async jobs: the replica records denoising steps done under this key.
+    progress_key: str | None = None
 
     @property
     def shape_key(self) -> tuple[int, int, int]:

@@ -6,7 +6,7 @@ through `model.generator`, the real path loads diffusers (serve_app.pipeline).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,8 +17,10 @@ from serve_app.batching import GenerationItem
 class ImageGenerator(Protocol):
     info: dict[str, Any]
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[list[np.ndarray]]:
-        """Items of one (width, height, steps) shape -> per item, `count` HxWx3 uint8."""
+    def generate(self, items: Sequence[GenerationItem],
+                 on_step: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
+        """Items of one (width, height, steps) shape -> per item, `count` HxWx3 uint8.
+        `on_step(n)` is called after denoising step n (1-based) when given."""
         ...
 
 

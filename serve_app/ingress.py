@@ -51,6 +51,7 @@ from serve_app.jobs import (
     load,
     post_callback,
     record_name,
+    step_record_name,
 )
 from serve_app.metrics import ingress_metrics, record_error
 from serve_app.schemas import (
@@ -137,13 +138,15 @@ def parse_request(body: bytes, config: AppConfig,
     return request
 
 
-def plan_calls(request: Text2ImageRequest, seed: int) -> list[GenerationItem]:
+def plan_calls(request: Text2ImageRequest, seed: int,
+               progress_key: str | None = None) -> list[GenerationItem]:
     """`number` model calls of `batch` images each: the reference service's loop shape.
     Separate calls may land on separate replicas and in separate batches."""
     width, height = parse_size(request.size)
     return [
         GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,
-                       seed=seed, call_index=i, count=request.batch)
+                       seed=seed, call_index=i, count=request.batch,
+                       progress_key=progress_key)
         for i in range(request.number)
     ]
 
@@ -253,8 +256,9 @@ class Ingress:
 
     async def _generate(self, body: Text2ImageRequest, request_id: str, seed: int,
                         base_url: str,
-                        on_call_done: Callable[[int], None] | None = None) -> dict[str, Any]:
-        items = plan_calls(body, seed)
+                        on_call_done: Callable[[int], None] | None = None,
+                        progress_key: str | None = None) -> dict[str, Any]:
+        items = plan_calls(body, seed, progress_key)
         started = time.perf_counter()
         results = await self._run_calls(items, request_id, on_call_done)
         generation_s = time.perf_counter() - started
@@ -365,7 +369,8 @@ class Ingress:
             id=job_id, createdAt=now, updatedAt=now,
             request=body.model_dump(exclude={"callbackUrl"}),
             seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-            progress=Progress(total=body.number * body.batch),
+            progress=Progress(total=body.number * body.batch,
+                              stepsTotal=body.number * body.step),
             callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,
             statusUrl=f"{base}/api/jobs/{job_id}",
         )
@@ -380,7 +385,28 @@ class Ingress:
     @app.get("/api/jobs/{job_id}", responses={401: {}, 404: {}})
     async def job_status(self, job_id: str, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse((await self._load_job(job_id)).public())
+        record = await self._load_job(job_id)
+        if record.status == "running":
+            record.progress.stepsDone = await self._steps_done(record)
+        return JSONResponse(record.public())
+
+    async def _reset_steps(self, record: JobRecord, calls: int) -> None:
+        """A re-run starts its step counts from zero, not from the failed run's."""
+        await asyncio.gather(*(
+            asyncio.to_thread(self.store.put_record, step_record_name(record.id, i), b"0")
+            for i in range(calls)))
+
+    async def _steps_done(self, record: JobRecord) -> int:
+        """Steps the model replicas have reported for a running job (read, not stored)."""
+        calls = record.request.get("number", 1)
+
+        def read(i: int) -> int:
+            try:
+                return int(self.store.get_record(step_record_name(record.id, i)))
+            except (NotFound, ValueError):
+                return 0
+        done = await asyncio.gather(*(asyncio.to_thread(read, i) for i in range(calls)))
+        return min(sum(done), record.progress.stepsTotal)
 
     async def _load_job(self, job_id: str) -> JobRecord:
         try:
@@ -420,13 +446,15 @@ class Ingress:
 
         while record.status in ("queued", "running"):
             record.status, record.attempts = "running", record.attempts + 1
-            record.progress.done = 0
+            record.progress.done = record.progress.stepsDone = 0
             await self._save_job(record)
+            await self._reset_steps(record, body.number)
             beat = asyncio.get_running_loop().create_task(heartbeat())
             try:
                 record.result = await self._generate(body, record.id, record.seed, base_url,
-                                                     progress)
+                                                     progress, progress_key=record.id)
                 record.status = "succeeded"
+                record.progress.stepsDone = record.progress.stepsTotal
             except Overloaded as err:
                 # A job waits for capacity instead of failing; this run doesn't count.
                 record.status, record.attempts = "queued", record.attempts - 1

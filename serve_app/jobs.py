@@ -31,8 +31,12 @@ class JobRequest(Text2ImageRequest):
 
 
 class Progress(BaseModel):
+    # Images finished, of `total`.
     done: int = 0
     total: int
+    # Denoising steps finished over all calls, of `stepsTotal` (number x step).
+    stepsDone: int = 0
+    stepsTotal: int = 0
 
 
 class JobRecord(BaseModel):
@@ -56,6 +60,11 @@ class JobRecord(BaseModel):
 
 def record_name(job_id: str) -> str:
     return f"job-{job_id}"
+
+
+def step_record_name(job_id: str, call_index: int) -> str:
+    """Where a model replica records the denoising steps done for one call of a job."""
+    return f"step-{job_id}-{call_index}"
 
 
 def key_name(idempotency_key: str) -> str:

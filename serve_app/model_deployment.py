@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +20,9 @@ from ray import serve
 from serve_app.batching import GenerationItem, plan_pipeline_calls, scatter
 from serve_app.config import AppConfig, BatchingConfig
 from serve_app.generator import ImageGenerator, load_factory
+from serve_app.jobs import step_record_name
 from serve_app.metrics import ModelMetrics
+from serve_app.store import ImageStore
 from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
@@ -44,6 +47,8 @@ class Text2ImageModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._pipeline_calls = 0
+        self._progress_store: ImageStore | None = None
+        self._progress_pool: ThreadPoolExecutor | None = None
         # Until Serve calls reconfigure() with the deployment's user_config.
         self._batching = self.config.batching
         self._max_images_per_call = self.config.batching.max_images_per_call
@@ -60,6 +65,25 @@ class Text2ImageModel:
         self._generate_batch.set_max_batch_size(batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         logger.info("batching set to %s", batching.model_dump())
+
+    def _step_reporter(self, members: list[GenerationItem]) -> Callable[[int], None] | None:
+        """For async jobs: denoising steps done, written to the store off the pipeline
+        thread (an object-store PUT must not stall the step loop)."""
+        keyed = [m for m in members if m.progress_key]
+        if not keyed:
+            return None
+        if self._progress_store is None:
+            store = self.config.store
+            self._progress_store = ImageStore(store.url, store.storage_options)
+            self._progress_pool = ThreadPoolExecutor(max_workers=2,
+                                                     thread_name_prefix="progress")
+        progress_store = self._progress_store
+
+        def report(step: int) -> None:
+            for member in keyed:
+                name = step_record_name(member.progress_key, member.call_index)
+                self._progress_pool.submit(progress_store.put_record, name, str(step).encode())
+        return report
 
     def info(self) -> dict[str, Any]:
         return dict(self.generator.info)
@@ -90,9 +114,10 @@ class Text2ImageModel:
             members = [items[i] for i in group.indices]
             start = time.perf_counter()
             self._pipeline_calls += 1
+            on_step = self._step_reporter(members)
             try:
                 images = await loop.run_in_executor(self._executor, self.generator.generate,
-                                                    members)
+                                                    members, on_step)
             except Exception as exc:
                 # One shape failing must not fail the other shapes in the batch.
                 logger.exception("pipeline call failed for shape %s", group.key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,13 +33,19 @@ class DiffusersGenerator:
         self.dtype = dtype
         self.info = info
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[list[np.ndarray]]:
+    def generate(self, items: Sequence[GenerationItem],
+                 on_step: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
         first = items[0]
         if any(item.shape_key != first.shape_key for item in items):
             raise ValueError("generate() takes items of one shape; group them first")
         prompts, seeds = flatten_group(items)
         # One generator per image, so an image depends on its seed, not on its batch-mates.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        step_callback = None
+        if on_step is not None:
+            def step_callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+                on_step(index + 1)
+                return tensors
         with torch.inference_mode():
             images = self.pipe(
                 prompt=prompts,
@@ -49,6 +55,7 @@ class DiffusersGenerator:
                 height=first.height,
                 generator=generators,
                 output_type="pt",
+                callback_on_step_end=step_callback,
             ).images
         return split_images(items, list(_to_uint8(images)))
 

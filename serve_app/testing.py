@@ -6,7 +6,7 @@ It lives in the package (not tests/) so Ray replicas can import it by path.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,11 +24,16 @@ class FakeGenerator:
             "threads": 1,
         }
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[list[np.ndarray]]:
+    def generate(self, items: Sequence[GenerationItem],
+                 on_step: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
         if any(item.prompt == FAIL_PROMPT for item in items):
             raise RuntimeError("fake generator failure (internal detail that must not leak)")
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        steps = items[0].steps
+        for step in range(1, steps + 1):
+            if self.delay_s:
+                time.sleep(self.delay_s / steps)
+            if on_step is not None:
+                on_step(step)
         out = []
         for item in items:
             images = []

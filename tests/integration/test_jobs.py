@@ -55,7 +55,7 @@ def test_job_lifecycle(jobs_app):
     assert response.headers["location"] == accepted["statusUrl"]
     record = wait_done(accepted["statusUrl"])
     assert record["status"] == "succeeded"
-    assert record["progress"] == {"done": 4, "total": 4}
+    assert record["progress"] == {"done": 4, "total": 4, "stepsDone": 8, "stepsTotal": 8}
     assert record["attempts"] == 1
     output = record["result"]["output"]
     assert [o["url"].rsplit("/", 1)[1] for o in output] == ["0_0.png", "0_1.png", "1_0.png",
@@ -166,3 +166,26 @@ def test_jobs_survive_a_replica_killed_under_async_load(serve_url, tmp_path):
     assert [r["status"] for r in records] == ["succeeded"] * 12
     print("attempts per job after the kill:", [r["attempts"] for r in records])
     serve.delete("jobs-chaos")
+
+
+def test_running_jobs_report_denoising_steps(serve_url, tmp_path):
+    from ray import serve
+
+    deploy("jobs-steps", "/jobs-steps", fake_args(
+        tmp_path, model={"generator_options": {"delay_s": 2.0}}, jobs=FAST_JOBS))
+    job = submit(f"{serve_url}/jobs-steps",
+                 {"prompt": "slow steps", "number": 2, "step": 4}).json()
+    assert job["progress"] == {"done": 0, "total": 2, "stepsDone": 0, "stepsTotal": 8}
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = httpx.get(job["statusUrl"]).json()
+        seen.append(record["progress"]["stepsDone"])
+        if record["status"] == "succeeded":
+            break
+        time.sleep(0.1)
+    assert record["status"] == "succeeded"
+    assert record["progress"] == {"done": 2, "total": 2, "stepsDone": 8, "stepsTotal": 8}
+    assert seen == sorted(seen)
+    assert any(0 < steps < 8 for steps in seen), seen
+    serve.delete("jobs-steps")
