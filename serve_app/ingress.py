@@ -6,7 +6,6 @@ so the model replica goes on to its next batch while the ingress writes PNGs.
 
 
 import asyncio
-import json
 import logging
 import secrets
 import threading
@@ -18,7 +17,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -26,34 +24,23 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serve_app.auth import ApiKeys
 from serve_app.batching import GenerationItem
-from serve_app.config import AppConfig, parse_size
+from serve_app.config import AppConfig
 from serve_app.errors import (
     GenerationFailed,
     GenerationTimeout,
     InvalidRequest,
-    NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
-    error_body,
     field_of,
     to_response,
 )
 from serve_app.imaging import encode_png, make_grid
-from serve_app.jobs import (
-    JobRecord,
-    JobRequest,
-    Progress,
-    dump,
-    is_stale,
-    key_name,
-    load,
-    post_callback,
-    record_name,
-    step_record_name,
-)
+from serve_app.job_runner import JobRunner
+from serve_app.jobs import JobRecord, JobRequest, Progress, key_name
 from serve_app.metrics import ingress_metrics, record_error
+from serve_app.request_parsing import MAX_BODY_BYTES, parse_request, plan_calls
 from serve_app.schemas import (
     Text2ImageRequest,
     Text2ImageResponse,
@@ -63,7 +50,6 @@ from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
 
-MAX_BODY_BYTES = 64 * 1024
 READY_PROBE_TIMEOUT_S = 3.0
 # A call whose replica died is sent again (to a live replica): seeded generation is
 # idempotent, so the client gets its images instead of an error.
@@ -99,58 +85,6 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return to_response(ServiceError("internal error", request_id=request_id))
 
 
-def parse_request(body: bytes, config: AppConfig,
-                  model: type[Text2ImageRequest] = Text2ImageRequest) -> Text2ImageRequest:
-    """Raw body -> validated request. The Content-Type is ignored on purpose: `curl -d`
-    sends application/x-www-form-urlencoded and the reference docs use exactly that."""
-    if len(body) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest("body is not valid UTF-8", field="body") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc.msg}", field="body") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("body must be a JSON object", field="body")
-    try:
-        request = model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))) from None
-    limits = config.limits
-    if request.size not in limits.allowed_sizes:
-        raise InvalidRequest(f"size must be one of {limits.allowed_sizes}", field="size")
-    if request.step > limits.max_steps:
-        raise InvalidRequest(f"step must be <= {limits.max_steps}", field="step")
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(f"prompt must be at most {limits.max_prompt_chars} characters",
-                             field="prompt")
-    if request.batch > config.batching.max_images_per_call:
-        raise InvalidRequest(
-            f"batch must be <= {config.batching.max_images_per_call} (images per model call)",
-            field="batch")
-    if request.number * request.batch > limits.max_images_per_request:
-        raise InvalidRequest(
-            f"number x batch must be <= {limits.max_images_per_request}", field="number")
-    return request
-
-
-def plan_calls(request: Text2ImageRequest, seed: int,
-               progress_key: str | None = None) -> list[GenerationItem]:
-    """`number` model calls of `batch` images each: the reference service's loop shape.
-    Separate calls may land on separate replicas and in separate batches."""
-    width, height = parse_size(request.size)
-    return [
-        GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,
-                       seed=seed, call_index=i, count=request.batch,
-                       progress_key=progress_key)
-        for i in range(request.number)
-    ]
-
-
 def _body_schema(model: type[Text2ImageRequest]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     return {"requestBody": {"required": True,
@@ -163,7 +97,7 @@ _JOB_BODY_SCHEMA = _body_schema(JobRequest)
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
-class Ingress:
+class Ingress(JobRunner):
     def __init__(self, model: Any, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
         security = self.config.security
@@ -389,123 +323,6 @@ class Ingress:
         if record.status == "running":
             record.progress.stepsDone = await self._steps_done(record)
         return JSONResponse(record.public())
-
-    async def _reset_steps(self, record: JobRecord, calls: int) -> None:
-        """A re-run starts its step counts from zero, not from the failed run's."""
-        await asyncio.gather(*(
-            asyncio.to_thread(self.store.put_record, step_record_name(record.id, i), b"0")
-            for i in range(calls)))
-
-    async def _steps_done(self, record: JobRecord) -> int:
-        """Steps the model replicas have reported for a running job (read, not stored)."""
-        calls = record.request.get("number", 1)
-
-        def read(i: int) -> int:
-            try:
-                return int(self.store.get_record(step_record_name(record.id, i)))
-            except (NotFound, ValueError):
-                return 0
-        done = await asyncio.gather(*(asyncio.to_thread(read, i) for i in range(calls)))
-        return min(sum(done), record.progress.stepsTotal)
-
-    async def _load_job(self, job_id: str) -> JobRecord:
-        try:
-            return load(await asyncio.to_thread(self.store.get_record, record_name(job_id)))
-        except NotFound:
-            raise NotFound("job not found") from None
-
-    async def _save_job(self, record: JobRecord) -> None:
-        record.updatedAt = time.time()
-        await asyncio.to_thread(self.store.put_record, record_name(record.id), dump(record))
-
-    async def _job_for_key(self, idempotency_key: str) -> JobRecord | None:
-        try:
-            job_id = await asyncio.to_thread(self.store.get_record, key_name(idempotency_key))
-        except NotFound:
-            return None
-        return await self._load_job(job_id.decode())
-
-    def _start_job(self, record: JobRecord, base_url: str) -> None:
-        if record.id in self._running_jobs:
-            return
-        task = asyncio.get_running_loop().create_task(self._run_job(record, base_url))
-        self._running_jobs[record.id] = task
-        task.add_done_callback(lambda _: self._running_jobs.pop(record.id, None))
-
-    async def _run_job(self, record: JobRecord, base_url: str) -> None:
-        cfg = self.config.jobs
-        body = Text2ImageRequest.model_validate(record.request)
-
-        def progress(images: int) -> None:
-            record.progress.done += images
-
-        async def heartbeat() -> None:
-            while True:
-                await asyncio.sleep(cfg.heartbeat_s)
-                await self._save_job(record)
-
-        while record.status in ("queued", "running"):
-            record.status, record.attempts = "running", record.attempts + 1
-            record.progress.done = record.progress.stepsDone = 0
-            await self._save_job(record)
-            await self._reset_steps(record, body.number)
-            beat = asyncio.get_running_loop().create_task(heartbeat())
-            try:
-                record.result = await self._generate(body, record.id, record.seed, base_url,
-                                                     progress, progress_key=record.id)
-                record.status = "succeeded"
-                record.progress.stepsDone = record.progress.stepsTotal
-            except Overloaded as err:
-                # A job waits for capacity instead of failing; this run doesn't count.
-                record.status, record.attempts = "queued", record.attempts - 1
-                await asyncio.sleep(err.retry_after_s)
-            except ServiceError as err:
-                if record.attempts >= cfg.max_attempts or isinstance(err, InvalidRequest):
-                    record.status, record.error = "failed", error_body(err)["error"]
-                else:
-                    record.status = "queued"
-                    logger.warning("job %s: run %d failed (%s), running it again", record.id,
-                                   record.attempts, err.code)
-            except Exception:
-                logger.exception("job %s: unexpected error", record.id)
-                record.status = "failed"
-                record.error = {"code": "internal_error", "message": "internal error",
-                                "requestId": record.id}
-            finally:
-                beat.cancel()
-            await self._save_job(record)
-        logger.info("job %s %s after %d run(s)", record.id, record.status, record.attempts)
-        if record.callbackUrl:
-            record.callbackDelivered = await asyncio.to_thread(
-                post_callback, record.callbackUrl, record.public(), cfg.callback_attempts,
-                cfg.callback_backoff_s)
-            await self._save_job(record)
-
-    async def _scan_jobs_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.jobs.scan_interval_s)
-            try:
-                await self._resume_stale_jobs()
-            except Exception:
-                logger.exception("job scan failed; retrying next interval")
-
-    async def _resume_stale_jobs(self) -> int:
-        resumed = 0
-        names = await asyncio.to_thread(self.store.list_records, "job-")
-        for name in names:
-            job_id = name.removeprefix("job-")
-            if job_id in self._running_jobs:
-                continue
-            try:
-                record = await self._load_job(job_id)
-            except (NotFound, ValidationError):
-                continue
-            if is_stale(record, self.config.jobs.lease_s):
-                logger.info("job %s: its ingress stopped refreshing it; resuming", job_id)
-                base = (record.statusUrl or "").rsplit("/api/jobs/", 1)[0]
-                self._start_job(record, base)
-                resumed += 1
-        return resumed
 
     @app.get("/images/{image_id}/{name}", responses={404: {}})
     async def image(self, image_id: str, name: str, request: Request) -> Response:

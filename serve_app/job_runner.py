@@ -1,0 +1,162 @@
+"""Async jobs on the ingress: running, heartbeats, takeover of stale jobs, callbacks.
+
+A mixin of the Ingress deployment: it uses the ingress's store, config and `_generate`.
+Records and callbacks themselves are in serve_app.jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from serve_app.errors import InvalidRequest, NotFound, Overloaded, ServiceError, error_body
+from serve_app.jobs import (
+    JobRecord,
+    dump,
+    is_stale,
+    key_name,
+    load,
+    post_callback,
+    record_name,
+    step_record_name,
+)
+from serve_app.schemas import Text2ImageRequest
+
+logger = logging.getLogger("ray.serve")
+
+
+class JobRunner:
+    """Needs `self.store`, `self.config`, `self._generate` and `self._running_jobs`."""
+
+    store: Any
+    config: Any
+    _running_jobs: dict[str, asyncio.Task]
+
+    async def _reset_steps(self, record: JobRecord, calls: int) -> None:
+        """A re-run starts its step counts from zero, not from the failed run's."""
+        await asyncio.gather(*(
+            asyncio.to_thread(self.store.put_record, step_record_name(record.id, i), b"0")
+            for i in range(calls)))
+
+    async def _steps_done(self, record: JobRecord) -> int:
+        """Steps the model replicas have reported for a running job (read, not stored)."""
+        calls = record.request.get("number", 1)
+
+        def read(i: int) -> int:
+            try:
+                return int(self.store.get_record(step_record_name(record.id, i)))
+            except (NotFound, ValueError):
+                return 0
+        done = await asyncio.gather(*(asyncio.to_thread(read, i) for i in range(calls)))
+        return min(sum(done), record.progress.stepsTotal)
+
+    async def _load_job(self, job_id: str) -> JobRecord:
+        try:
+            return load(await asyncio.to_thread(self.store.get_record, record_name(job_id)))
+        except NotFound:
+            raise NotFound("job not found") from None
+
+    async def _save_job(self, record: JobRecord) -> None:
+        record.updatedAt = time.time()
+        await asyncio.to_thread(self.store.put_record, record_name(record.id), dump(record))
+
+    async def _job_for_key(self, idempotency_key: str) -> JobRecord | None:
+        try:
+            job_id = await asyncio.to_thread(self.store.get_record, key_name(idempotency_key))
+        except NotFound:
+            return None
+        return await self._load_job(job_id.decode())
+
+    def _start_job(self, record: JobRecord, base_url: str) -> None:
+        if record.id in self._running_jobs:
+            return
+        task = asyncio.get_running_loop().create_task(self._run_job(record, base_url))
+        self._running_jobs[record.id] = task
+        task.add_done_callback(lambda _: self._running_jobs.pop(record.id, None))
+
+    async def _run_job(self, record: JobRecord, base_url: str) -> None:
+        cfg = self.config.jobs
+        body = Text2ImageRequest.model_validate(record.request)
+
+        def progress(images: int) -> None:
+            record.progress.done += images
+
+        async def heartbeat(stop: asyncio.Event) -> None:
+            # Stopped by an event, never cancelled: a cancelled task would leave its write
+            # running in a thread, and that stale "running" record could land after the
+            # final one and get the finished job taken over and run again.
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
+                except asyncio.TimeoutError:
+                    await self._save_job(record)
+
+        while record.status in ("queued", "running"):
+            record.status, record.attempts = "running", record.attempts + 1
+            record.progress.done = record.progress.stepsDone = 0
+            await self._save_job(record)
+            await self._reset_steps(record, body.number)
+            stop_beat = asyncio.Event()
+            beat = asyncio.get_running_loop().create_task(heartbeat(stop_beat))
+            try:
+                record.result = await self._generate(body, record.id, record.seed, base_url,
+                                                     progress, progress_key=record.id)
+                record.status = "succeeded"
+                record.progress.stepsDone = record.progress.stepsTotal
+            except Overloaded as err:
+                # A job waits for capacity instead of failing; this run doesn't count.
+                record.status, record.attempts = "queued", record.attempts - 1
+                await asyncio.sleep(err.retry_after_s)
+            except ServiceError as err:
+                if record.attempts >= cfg.max_attempts or isinstance(err, InvalidRequest):
+                    record.status, record.error = "failed", error_body(err)["error"]
+                else:
+                    record.status = "queued"
+                    logger.warning("job %s: run %d failed (%s), running it again", record.id,
+                                   record.attempts, err.code)
+            except Exception:
+                logger.exception("job %s: unexpected error", record.id)
+                record.status = "failed"
+                record.error = {"code": "internal_error", "message": "internal error",
+                                "requestId": record.id}
+            finally:
+                stop_beat.set()
+                await beat
+            await self._save_job(record)
+        logger.info("job %s %s after %d run(s)", record.id, record.status, record.attempts)
+        if record.callbackUrl:
+            record.callbackDelivered = await asyncio.to_thread(
+                post_callback, record.callbackUrl, record.public(), cfg.callback_attempts,
+                cfg.callback_backoff_s)
+            await self._save_job(record)
+
+    async def _scan_jobs_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.jobs.scan_interval_s)
+            try:
+                await self._resume_stale_jobs()
+            except Exception:
+                logger.exception("job scan failed; retrying next interval")
+
+    async def _resume_stale_jobs(self) -> int:
+        resumed = 0
+        names = await asyncio.to_thread(self.store.list_records, "job-")
+        for name in names:
+            job_id = name.removeprefix("job-")
+            if job_id in self._running_jobs:
+                continue
+            try:
+                record = await self._load_job(job_id)
+            except (NotFound, ValidationError):
+                continue
+            if is_stale(record, self.config.jobs.lease_s):
+                logger.info("job %s: its ingress stopped refreshing it; resuming", job_id)
+                base = (record.statusUrl or "").rsplit("/api/jobs/", 1)[0]
+                self._start_job(record, base)
+                resumed += 1
+        return resumed
+

@@ -1,0 +1,60 @@
+"""The job runner's record writes, with a store whose writes are slow and out of order."""
+
+import asyncio
+import json
+import threading
+import time
+
+from serve_app.config import AppConfig
+from serve_app.job_runner import JobRunner
+from serve_app.jobs import JobRecord, Progress, record_name
+
+
+class SlowStore:
+    """Writes of a 'running' record take long; others are quick: a late heartbeat write
+    would land after the final one if the runner did not wait for it."""
+
+    def __init__(self):
+        self.records: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def put_record(self, name, data):
+        if name.startswith("job-") and json.loads(data)["status"] == "running":
+            time.sleep(0.3)
+        with self.lock:
+            self.records[name] = data
+
+    def get_record(self, name):
+        return self.records[name]
+
+
+class Runner(JobRunner):
+    def __init__(self):
+        self.store = SlowStore()
+        self.config = AppConfig.model_validate(
+            {"jobs": {"heartbeat_s": 0.05, "lease_s": 5.0}})
+        self._running_jobs = {}
+
+    async def _generate(self, body, request_id, seed, base_url, on_call_done=None,
+                        progress_key=None):
+        await asyncio.sleep(0.5)  # a heartbeat write (0.40 s to 0.70 s) is in flight at the end
+        on_call_done(1)
+        return {"id": request_id, "output": []}
+
+
+def test_the_final_record_is_the_last_write():
+    runner = Runner()
+    now = time.time()
+    record = JobRecord(id="a" * 32, createdAt=now, updatedAt=now,
+                       request={"prompt": "p", "number": 1, "size": "512x512", "step": 1,
+                                "batch": 1, "seed": 1},
+                       seed=1, progress=Progress(total=1, stepsTotal=1))
+
+    async def run():
+        await runner._run_job(record, "http://test")
+        await asyncio.sleep(0.6)  # any stray write still in a thread lands by now
+
+    asyncio.run(run())
+    stored = json.loads(runner.store.records[record_name("a" * 32)])
+    assert (stored["status"], stored["attempts"]) == ("succeeded", 1)
+    assert stored["progress"] == {"done": 1, "total": 1, "stepsDone": 1, "stepsTotal": 1}
