@@ -14,6 +14,32 @@ OPTIMIZATION_SWITCHES = ("channels_last", "prepack_linear", "prepack_conv", "fus
                          "fuse_attention", "prompt_cache")
 
 
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4: {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4: {text!r}")
+    return values
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512x512,1024x768' -> [(512, 512), (1024, 768)] as (width, height)."""
+    sizes = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        try:
+            width, height = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected WxH like 512x512: {item!r}") from None
+        if width < 8 or height < 8 or width % 8 or height % 8:
+            raise argparse.ArgumentTypeError(f"width and height must be multiples of 8: {item}")
+        sizes.append((width, height))
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected sizes like 512x512,1024x1024")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdxl-turbo-bench",
@@ -52,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory of an AutoencoderTiny to decode with (opt-in), or "
                              "'random' for random weights (speed only)")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr during timed runs (default: only when "
+                             "stderr is a terminal)")
+    sweep = parser.add_argument_group(
+        "sweeps and charts (in-process sweeps run one backend: --backend)")
+    sweep.add_argument("--sweep-sizes", type=parse_sizes, default=None, metavar="WxH,...",
+                       help="latency sweep over sizes (x --sweep-steps), e.g. 512x512,1024x1024")
+    sweep.add_argument("--sweep-steps", type=parse_ints, default=None, metavar="N,...",
+                       help="latency sweep over denoising steps (x --sweep-sizes), e.g. 1,2,4")
+    sweep.add_argument("--sweep-batches", type=parse_ints, default=None, metavar="N,...",
+                       help="throughput sweep over batch sizes at --width/--height/--step")
+    sweep.add_argument("--sweep-concurrency", type=parse_ints, default=None, metavar="N,...",
+                       help="with --url: one load run (-n requests) per concurrency")
+    sweep.add_argument("--plot", default=None, metavar="PATH.png",
+                       help="write a PNG chart of the results (needs matplotlib: the "
+                            "'bench' extra)")
+    sweep.add_argument("--plot-with", action="append", default=[], metavar="JSON",
+                       help="also chart an earlier --json result (e.g. a load sweep)")
+    sweep.add_argument("--plot-title", default=None)
     load = parser.add_argument_group("HTTP load mode (no Ray started: it targets a URL)")
     load.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8000")
     load.add_argument("-n", "--requests", type=int, default=50)
@@ -84,25 +129,82 @@ def optimization_options(args: argparse.Namespace) -> Any:
     return OptimizationConfig(**fields)
 
 
-def run_load_mode(args: argparse.Namespace) -> dict[str, Any]:
-    from serve_app.bench.load import format_load, run_load
+def load_once(args: argparse.Namespace, body: dict[str, Any], concurrency: int,
+              progress: bool) -> dict[str, Any]:
+    from serve_app.bench.load import run_load
+    from serve_app.bench.progress import Progress
 
+    counts = {"ok": 0, "failed": 0}
+    with Progress(args.requests, f"HTTP -c {concurrency}", unit="requests",
+                  enabled=progress) as bar:
+        def on_result(result: Any) -> None:
+            counts["ok" if result.ok else "failed"] += 1
+            bar.set_postfix(f"ok {counts['ok']}, failed {counts['failed']}")
+            bar.update()
+
+        return run_load(args.url, requests=args.requests, concurrency=concurrency, body=body,
+                        api_key=args.api_key, timeout_s=args.timeout,
+                        on_result=on_result).to_dict()
+
+
+def run_load_mode(args: argparse.Namespace) -> dict[str, Any]:
+    from serve_app.bench.load import format_load
+    from serve_app.bench.progress import progress_enabled
+
+    if args.sweep_sizes or args.sweep_steps or args.sweep_batches:
+        raise SystemExit("--sweep-sizes/--sweep-steps/--sweep-batches are in-process sweeps; "
+                         "with --url use --sweep-concurrency")
+    progress = progress_enabled(args.progress)
     body = {"prompt": args.prompt, "size": f"{args.width}x{args.height}", "step": args.step,
             "batch": args.batch, "number": args.number}
-    summary = run_load(args.url, requests=args.requests, concurrency=args.concurrency,
-                       body=body, api_key=args.api_key, timeout_s=args.timeout).to_dict()
+    if args.sweep_concurrency:
+        points = []
+        for concurrency in args.sweep_concurrency:
+            summary = load_once(args, body, concurrency, progress)
+            print(format_load(summary))
+            points.append({"concurrency": concurrency, "summary": summary})
+        return {"mode": "load-sweep", "url": args.url, "body": body,
+                "requests_per_point": args.requests, "sweep": points,
+                "command": " ".join(["sdxl-turbo-bench", *sys.argv[1:]])}
+    summary = load_once(args, body, args.concurrency, progress)
     result = {"mode": "load", "url": args.url, "body": body, "summary": summary}
     print(format_load(summary))
     return result
 
 
+def run_sweep_mode(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
+    from serve_app.bench.direct import format_sweep, run_sweep
+
+    if args.compare or args.interleave:
+        raise SystemExit("sweeps run one backend; drop --compare/--interleave")
+    latency_grid = bool(args.sweep_sizes or args.sweep_steps)
+    result = run_sweep(
+        model=args.model, backend=args.backend,
+        sizes=args.sweep_sizes or [(args.width, args.height)],
+        steps_list=args.sweep_steps or [args.step], batches=args.sweep_batches or [],
+        base_width=args.width, base_height=args.height, base_steps=args.step,
+        base_batch=args.batch, repeat=args.repeat, prompt=args.prompt, seed=args.seed,
+        warmup=args.warmup, dtype_name="bfloat16" if args.bf16 else "float32",
+        options=optimization_options(args), progress=progress, latency_grid=latency_grid)
+    result["mode"] = "sweep"
+    result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
+    print(format_sweep(result))
+    return result
+
+
 def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
     from serve_app.bench.direct import format_direct, run_direct, run_interleaved
+    from serve_app.bench.progress import progress_enabled
 
+    if args.sweep_concurrency:
+        raise SystemExit("--sweep-concurrency is an HTTP load sweep: it needs --url")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    progress = progress_enabled(args.progress)
+    if args.sweep_sizes or args.sweep_steps or args.sweep_batches:
+        return run_sweep_mode(args, progress)
     backends = [args.backend]
     if args.compare and args.backend != "eager":
         backends.insert(0, "eager")
@@ -110,7 +212,7 @@ def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, repeat=args.repeat, batch=args.batch, steps=args.step,
         height=args.height, width=args.width, prompt=args.prompt, seed=args.seed,
         warmup=args.warmup, dtype_name="bfloat16" if args.bf16 else "float32",
-        options=optimization_options(args))
+        options=optimization_options(args), progress=progress)
     if args.interleave:
         if backends != ["eager", "optimized"]:
             raise SystemExit("--interleave needs --compare with --backend optimized")
@@ -132,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {path}")
+    if args.plot:
+        from serve_app.bench.plot import plot_results
+
+        others = [json.loads(Path(p).read_text()) for p in args.plot_with]
+        print(f"wrote {plot_results([result, *others], args.plot, title=args.plot_title)}")
     return 0
 
 

@@ -12,11 +12,14 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from serve_app.bench.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +97,22 @@ def load_pipeline(model: str, dtype: Any) -> tuple[Any, str]:
 
 
 def generate(pipe: Any, prompts: list[str], seeds: list[int], *, steps: int, height: int,
-             width: int) -> np.ndarray:
+             width: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
     import torch
 
     from serve_app.pipeline import _to_uint8
 
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    extra: dict[str, Any] = {}
+    if on_step is not None:
+        def step_callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+            on_step()
+            return tensors
+        extra["callback_on_step_end"] = step_callback
     with torch.inference_mode():
         images = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=0.0,
                       height=height, width=width, generator=generators,
-                      output_type="pt").images
+                      output_type="pt", **extra).images
     return _to_uint8(images)
 
 
@@ -115,13 +124,15 @@ def warm(pipe: Any, *, warmup: int, batch: int, seed: int, height: int, width: i
 
 
 def timed_run(pipe: Any, index: int, *, batch: int, steps: int, height: int, width: int,
-              prompt: str, seed: int, timer: StageTimer) -> tuple[dict[str, Any], np.ndarray]:
+              prompt: str, seed: int, timer: StageTimer,
+              on_step: Callable[[], None] | None = None) -> tuple[dict[str, Any], np.ndarray]:
     # A distinct prompt per run: the prompt cache never hits in timed runs.
     prompts = [f"{prompt} (run {index}, image {j})" for j in range(batch)]
     seeds = [seed + 1000 * index + j for j in range(batch)]
     timer.reset()
     started, cpu_started = time.perf_counter(), time.process_time()
-    out = generate(pipe, prompts, seeds, steps=steps, height=height, width=width)
+    out = generate(pipe, prompts, seeds, steps=steps, height=height, width=width,
+                   on_step=on_step)
     total = time.perf_counter() - started
     # Process CPU seconds (all threads): less sensitive than wall time to other processes
     # taking the cores, though OpenMP spin-waiting still counts in it.
@@ -132,17 +143,31 @@ def timed_run(pipe: Any, index: int, *, batch: int, steps: int, height: int, wid
     return run, out
 
 
+def progress_label(name: str, *, width: int, height: int, steps: int, batch: int) -> str:
+    return f"{name} {width}x{height} {steps} steps batch {batch}"
+
+
 def run_backend(pipe: Any, *, repeat: int, batch: int, steps: int, height: int, width: int,
-                prompt: str, seed: int, warmup: int, timer: StageTimer
+                prompt: str, seed: int, warmup: int, timer: StageTimer,
+                progress: bool = False, label: str = "timed"
                 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Warm-up runs (1 step, not reported) then `repeat` timed runs."""
+    """Warm-up runs (1 step, not reported) then `repeat` timed runs.
+
+    progress: a stderr bar over the timed runs' denoising steps (repeat x steps).
+    """
     warm(pipe, warmup=warmup, batch=batch, seed=seed, height=height, width=width)
     runs, images = [], []
-    for i in range(repeat):
-        run, out = timed_run(pipe, i, batch=batch, steps=steps, height=height, width=width,
-                             prompt=prompt, seed=seed, timer=timer)
-        runs.append(run)
-        images.append(out)
+    desc = progress_label(label, width=width, height=height, steps=steps, batch=batch)
+    with Progress(repeat * steps, desc, unit="steps", enabled=progress) as bar:
+        for i in range(repeat):
+            bar.set_postfix(f"run {i + 1}/{repeat}")
+            run, out = timed_run(pipe, i, batch=batch, steps=steps, height=height,
+                                 width=width, prompt=prompt, seed=seed, timer=timer,
+                                 on_step=bar.update if progress else None)
+            if bar.n < (i + 1) * steps:  # a pipeline that skipped the step callback
+                bar.update((i + 1) * steps - bar.n)
+            runs.append(run)
+            images.append(out)
     return runs, images
 
 
@@ -201,7 +226,7 @@ def environment() -> dict[str, Any]:
 
 def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, steps: int,
                height: int, width: int, prompt: str, seed: int, warmup: int, dtype_name: str,
-               options: Any = None) -> dict[str, Any]:
+               options: Any = None, progress: bool = False) -> dict[str, Any]:
     """Run the backends in order on one pipeline; 'eager' must come first if present."""
     import torch
 
@@ -250,7 +275,7 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
             optimized = True
         else:
             raise ValueError(f"unknown backend {backend!r}")
-        runs, images[backend] = run_backend(pipe, **common)
+        runs, images[backend] = run_backend(pipe, progress=progress, label=backend, **common)
         entry.update(summarize_runs(runs, batch))
         result["backends"][backend] = entry
     if "eager" in images:
@@ -265,7 +290,7 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
 
 def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: int,
                     width: int, prompt: str, seed: int, warmup: int, dtype_name: str,
-                    options: Any = None) -> dict[str, Any]:
+                    options: Any = None, progress: bool = False) -> dict[str, Any]:
     """Eager and optimised pipelines side by side (two copies in memory, ~2x RAM), runs
     alternating E,O,O,E,E,O...: slow drifts in machine load hit both equally, and each
     pair gives its own ratio."""
@@ -292,14 +317,21 @@ def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in pipes}
     images: dict[str, list[np.ndarray]] = {name: [] for name in pipes}
     ratios = []
-    for i in range(repeat):
-        order = ("eager", "optimized") if i % 2 == 0 else ("optimized", "eager")
-        for name in order:
-            run, out = timed_run(pipes[name], i, batch=batch, steps=steps, height=height,
-                                 width=width, prompt=prompt, seed=seed, timer=timers[name])
-            runs[name].append(run)
-            images[name].append(out)
-        ratios.append(runs["eager"][-1]["total_s"] / runs["optimized"][-1]["total_s"])
+    desc = progress_label("interleaved", width=width, height=height, steps=steps, batch=batch)
+    with Progress(2 * repeat * steps, desc, unit="steps", enabled=progress) as bar:
+        for i in range(repeat):
+            order = ("eager", "optimized") if i % 2 == 0 else ("optimized", "eager")
+            for k, name in enumerate(order):
+                bar.set_postfix(f"run {2 * i + k + 1}/{2 * repeat} ({name})")
+                run, out = timed_run(pipes[name], i, batch=batch, steps=steps, height=height,
+                                     width=width, prompt=prompt, seed=seed,
+                                     timer=timers[name],
+                                     on_step=bar.update if progress else None)
+                if bar.n < (2 * i + k + 1) * steps:
+                    bar.update((2 * i + k + 1) * steps - bar.n)
+                runs[name].append(run)
+                images[name].append(out)
+            ratios.append(runs["eager"][-1]["total_s"] / runs["optimized"][-1]["total_s"])
     result: dict[str, Any] = {
         "config": {"model": model, "model_label": label, "height": height, "width": width,
                    "batch": batch, "steps": steps, "repeat": repeat, "warmup": warmup,
@@ -349,4 +381,83 @@ def format_direct(result: dict[str, Any]) -> str:
             pairs = ", ".join(f"{r:.2f}x" for r in entry["pair_speedups"])
             lines.append(f"{'':<10} interleaved pairs: {pairs} "
                          f"(median {entry['median_pair_speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
+def sweep_point(entry: dict[str, Any], *, width: int, height: int, steps: int,
+                batch: int) -> dict[str, Any]:
+    return {"width": width, "height": height, "steps": steps, "batch": batch,
+            "median_total_s": entry["median"]["total_s"], **entry}
+
+
+def run_sweep(*, model: str, backend: str, sizes: list[tuple[int, int]], steps_list: list[int],
+              batches: list[int], base_width: int, base_height: int, base_steps: int,
+              base_batch: int, repeat: int, prompt: str, seed: int, warmup: int,
+              dtype_name: str, options: Any = None, progress: bool = False,
+              latency_grid: bool = True) -> dict[str, Any]:
+    """One pipeline, one backend, many shapes.
+
+    latency: every size x steps at base_batch (when latency_grid); batches: every batch at
+    base_width x base_height and base_steps. Each point gets its own warm-up (oneDNN
+    primitives are per shape), then `repeat` timed runs.
+    """
+    import torch
+
+    from serve_app.config import OptimizationConfig
+    from serve_app.optimize import optimize_pipeline
+
+    if backend not in ("eager", "optimized"):
+        raise ValueError("sweeps run the 'eager' or the 'optimized' backend")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    started = time.perf_counter()
+    pipe, label = load_pipeline(model, dtype)
+    load_s = time.perf_counter() - started
+    timer = StageTimer()
+    instrument(pipe, timer)
+    result: dict[str, Any] = {
+        "config": {"model": model, "model_label": label, "backend": backend,
+                   "dtype": dtype_name, "repeat": repeat, "warmup": warmup, "prompt": prompt,
+                   "seed": seed, "load_s": load_s,
+                   "base": {"width": base_width, "height": base_height, "steps": base_steps,
+                            "batch": base_batch}},
+        "environment": environment(),
+        "latency": [],
+        "batches": [],
+    }
+    if backend == "optimized":
+        stage = time.perf_counter()
+        result["applied"] = optimize_pipeline(pipe, options or OptimizationConfig())
+        result["optimize_s"] = time.perf_counter() - stage
+        instrument(pipe, timer, encode=False)
+    common = dict(repeat=repeat, prompt=prompt, seed=seed, warmup=warmup, timer=timer,
+                  progress=progress, label=backend)
+    if latency_grid:
+        for width, height in sizes:
+            for steps in steps_list:
+                runs, _ = run_backend(pipe, batch=base_batch, steps=steps, height=height,
+                                      width=width, **common)
+                result["latency"].append(sweep_point(
+                    summarize_runs(runs, base_batch), width=width, height=height,
+                    steps=steps, batch=base_batch))
+    for batch in batches:
+        runs, _ = run_backend(pipe, batch=batch, steps=base_steps, height=base_height,
+                              width=base_width, **common)
+        result["batches"].append(sweep_point(
+            summarize_runs(runs, batch), width=base_width, height=base_height,
+            steps=base_steps, batch=batch))
+    return result
+
+
+def format_sweep(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    lines = [f"model: {cfg['model']} ({cfg['model_label']})  backend {cfg['backend']}  "
+             f"{cfg['dtype']}  repeat {cfg['repeat']} (median)",
+             f"{'size':>11} {'steps':>5} {'batch':>5} {'median s':>9} {'min s':>8} "
+             f"{'max s':>8} {'img/s':>7}"]
+    for point in result["latency"] + result["batches"]:
+        size = f"{point['width']}x{point['height']}"
+        lines.append(
+            f"{size:>11} {point['steps']:>5} {point['batch']:>5} "
+            f"{point['median_total_s']:>9.3f} {point['min_total_s']:>8.3f} "
+            f"{point['max_total_s']:>8.3f} {point['images_per_s']:>7.3f}")
     return "\n".join(lines)

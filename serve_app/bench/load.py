@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +101,9 @@ def _one_request(client: Any, url: str, body: dict[str, Any],
 
 def run_load(base_url: str, *, requests: int, concurrency: int, body: dict[str, Any],
              api_key: str | None = None, timeout_s: float = 600.0,
-             path: str = "/api/text2image") -> LoadSummary:
+             path: str = "/api/text2image",
+             on_result: Callable[[RequestResult], None] | None = None) -> LoadSummary:
+    """on_result: called (under a lock) as each request completes, e.g. a progress bar."""
     import httpx
 
     url = base_url.rstrip("/") + path
@@ -120,6 +122,8 @@ def run_load(base_url: str, *, requests: int, concurrency: int, body: dict[str, 
                 result = _one_request(client, url, body, headers)
                 with lock:
                     results.append(result)
+                    if on_result is not None:
+                        on_result(result)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
