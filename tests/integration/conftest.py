@@ -67,7 +67,9 @@ def tiny_app(serve_url, tmp_path_factory):
     deploy("tiny", "/", {
         "model": {"cache_dir": str(cache)},
         "replica": {"num_cpus": 2},
-        "batching": {"max_batch_size": 8},
+        # A batch waits up to 0.5 s for company: on a loaded 2-core CI machine requests can
+        # reach the replica too far apart for the default 0 s to form batches reliably.
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.5},
         "ingress": {"num_cpus": 0.1},
         "store": {"url": str(store)},
     })

@@ -91,7 +91,7 @@ def test_concurrent_requests_are_batched(tiny_app):
     model = serve.get_deployment_handle("Text2ImageModel", app_name="tiny")
     before = model.stats.remote().result()
     # args.batching reached the replica as user_config, through reconfigure().
-    assert before["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0,
+    assert before["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.5,
                                   "max_images_per_call": 8}
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(
