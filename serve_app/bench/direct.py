@@ -224,6 +224,19 @@ def environment() -> dict[str, Any]:
     }
 
 
+def load_instrumented(model: str, dtype_name: str) -> tuple[Any, str, float, StageTimer]:
+    """The pipeline with stage timers attached, its label and load time."""
+    import torch
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    started = time.perf_counter()
+    pipe, label = load_pipeline(model, dtype)
+    load_s = time.perf_counter() - started
+    timer = StageTimer()
+    instrument(pipe, timer)
+    return pipe, label, load_s, timer
+
+
 def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, steps: int,
                height: int, width: int, prompt: str, seed: int, warmup: int, dtype_name: str,
                options: Any = None, progress: bool = False) -> dict[str, Any]:
@@ -233,12 +246,7 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
     from serve_app.config import OptimizationConfig
     from serve_app.optimize import optimize_pipeline
 
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-    started = time.perf_counter()
-    pipe, label = load_pipeline(model, dtype)
-    load_s = time.perf_counter() - started
-    timer = StageTimer()
-    instrument(pipe, timer)
+    pipe, label, load_s, timer = load_instrumented(model, dtype_name)
     result: dict[str, Any] = {
         "config": {"model": model, "model_label": label, "height": height, "width": width,
                    "batch": batch, "steps": steps, "repeat": repeat, "warmup": warmup,
@@ -270,7 +278,7 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
                 result["backends"][backend] = {"skipped": str(exc)}
                 logger.warning("ipex skipped: %s", exc)
                 continue
-            apply_ipex(choice, pipe, dtype)
+            apply_ipex(choice, pipe, getattr(torch, dtype_name))
             entry["applied"] = ["ipex.optimize"]
             optimized = True
         else:
@@ -401,19 +409,13 @@ def run_sweep(*, model: str, backend: str, sizes: list[tuple[int, int]], steps_l
     base_width x base_height and base_steps. Each point gets its own warm-up (oneDNN
     primitives are per shape), then `repeat` timed runs.
     """
-    import torch
 
     from serve_app.config import OptimizationConfig
     from serve_app.optimize import optimize_pipeline
 
     if backend not in ("eager", "optimized"):
         raise ValueError("sweeps run the 'eager' or the 'optimized' backend")
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-    started = time.perf_counter()
-    pipe, label = load_pipeline(model, dtype)
-    load_s = time.perf_counter() - started
-    timer = StageTimer()
-    instrument(pipe, timer)
+    pipe, label, load_s, timer = load_instrumented(model, dtype_name)
     result: dict[str, Any] = {
         "config": {"model": model, "model_label": label, "backend": backend,
                    "dtype": dtype_name, "repeat": repeat, "warmup": warmup, "prompt": prompt,
