@@ -9,12 +9,11 @@ measure of numerical drift. Built directly in the target dtype (~7 GB in bfloat1
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from serve_app.tiny_model import SCHEDULER_CONFIG
+from serve_app.tiny_model import assemble_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +67,15 @@ def build_full_pipeline(dtype: Any = None, seed: int = WEIGHTS_SEED):
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
     )
 
-    from serve_app.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+    from serve_app.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
 
     dtype = dtype or torch.bfloat16
     started = time.perf_counter()
@@ -101,15 +97,7 @@ def build_full_pipeline(dtype: Any = None, seed: int = WEIGHTS_SEED):
     modules = (unet, vae, text_encoder, text_encoder_2)
     for module in modules:
         module.eval().requires_grad_(False)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "t1"))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(
-            write_clip_tokenizer(Path(tmp) / "t2", pad_token="!"))
-    scheduler = EulerAncestralDiscreteScheduler(**SCHEDULER_CONFIG)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-    )
+    pipe = assemble_sdxl_pipeline(unet, vae, text_encoder, text_encoder_2)
     params = sum(p.numel() for m in modules for p in m.parameters())
     logger.info("full-size SDXL (random weights, %s, %.2f B parameters) built in %.1fs",
                 dtype, params / 1e9, time.perf_counter() - started)

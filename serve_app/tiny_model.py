@@ -41,18 +41,15 @@ def build_tiny_pipeline():
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
     )
 
-    from serve_app.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+    from serve_app.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
 
     torch.manual_seed(WEIGHTS_SEED)
     text_dim, proj_dim, time_dim = 32, 32, 8
@@ -93,14 +90,25 @@ def build_tiny_pipeline():
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**common))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common))
+    return assemble_sdxl_pipeline(unet, vae, text_encoder, text_encoder_2)
+
+
+def assemble_sdxl_pipeline(unet, vae, text_encoder, text_encoder_2):
+    """An SDXL pipeline from its networks, with sdxl-turbo's offline tokenizers (the second
+    pads with "!") and its Euler-ancestral scheduler."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from serve_app.tokenizer import write_clip_tokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "t1"))
         tokenizer_2 = CLIPTokenizer.from_pretrained(
             write_clip_tokenizer(Path(tmp) / "t2", pad_token="!"))
-    scheduler = EulerAncestralDiscreteScheduler(**SCHEDULER_CONFIG)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler(**SCHEDULER_CONFIG),
     )
 
 
