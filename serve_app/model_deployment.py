@@ -51,7 +51,6 @@ class Text2ImageModel:
         self._progress_pool: ThreadPoolExecutor | None = None
         # Until Serve calls reconfigure() with the deployment's user_config.
         self._batching = self.config.batching
-        self._max_images_per_call = self.config.batching.max_images_per_call
         self._metrics = ModelMetrics()
         # id(call) -> when it reached this replica, for the queue-wait metric.
         self._arrivals: dict[int, float] = {}
@@ -61,7 +60,6 @@ class Text2ImageModel:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig.model_validate(user_config)
         self._batching = batching
-        self._max_images_per_call = batching.max_images_per_call
         self._generate_batch.set_max_batch_size(batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         logger.info("batching set to %s", batching.model_dump())
@@ -108,7 +106,7 @@ class Text2ImageModel:
         self._metrics.record_batch(len(items),
                                    [now - self._arrivals.get(id(it), now) for it in items])
         loop = asyncio.get_running_loop()
-        groups = plan_pipeline_calls(items, self._max_images_per_call)
+        groups = plan_pipeline_calls(items, self._batching.max_images_per_call)
         results = []
         for group in groups:
             members = [items[i] for i in group.indices]
