@@ -40,6 +40,8 @@ class OptimizationConfig(StrictModel):
     # GEGLU as two GEMMs with GELU and multiply fused in; fused self-attention q/k/v.
     fuse_geglu: bool = True
     fuse_attention: bool = True
+    # Cross-attention K/V of the prompt embeddings computed once per call, not every step.
+    cross_attention_kv_cache: bool = True
     # LRU cache of prompt embeddings (entries); 0 turns it off.
     prompt_cache_size: int = Field(default=64, ge=0)
     # Opt-in: local directory of an AutoencoderTiny (e.g. taesdxl) to decode with.

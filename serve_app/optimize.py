@@ -12,6 +12,9 @@ All of them keep diffusers' pipeline and only swap modules or attention processo
   chunk copy, no separate GELU and multiply passes over the 4x-wide activation.
 * ``fuse_attention``: self-attention's q/k/v projections become one GEMM, and the no-op
   ``/ rescale_output_factor`` (1.0) pass over every attention output is skipped.
+* ``cross_attention_kv_cache``: cross-attention's K/V projections of the prompt
+  embeddings are computed at the first denoising step and reused at the others (the same
+  tensor, so the same values, bit for bit).
 * ``channels_last``: UNet and VAE in channels-last memory format.
 * ``prompt_cache_size``: LRU cache of prompt embeddings; a repeated prompt skips both text
   encoders. 0 turns it off.
@@ -26,6 +29,7 @@ tests/optimize.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -151,10 +155,15 @@ class CpuAttnProcessor:
     processor, so behaviour is unchanged outside the fast path.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cache_cross_kv: bool = False) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.fallback = AttnProcessor2_0()
+        self.cache_cross_kv = cache_cross_kv
+        # (weakref to the encoder_hidden_states tensor, k, v): the prompt embeddings are the
+        # same tensor at every denoising step, so their K/V projections are computed once
+        # per pipeline call. Dropped when that tensor is freed.
+        self._cross_kv: tuple[weakref.ref, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def handles(attn: nn.Module) -> bool:
@@ -178,18 +187,35 @@ class CpuAttnProcessor:
             q, k, v = qkv(hidden_states).view(batch, length, 3, heads, -1).permute(
                 2, 0, 3, 1, 4).unbind(0)
         else:
-            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-            if attn.norm_cross and encoder_hidden_states is not None:
-                context = attn.norm_encoder_hidden_states(context)
             q = attn.to_q(hidden_states).view(batch, length, heads, -1).transpose(1, 2)
-            k = attn.to_k(context).view(batch, context.shape[1], heads, -1).transpose(1, 2)
-            v = attn.to_v(context).view(batch, context.shape[1], heads, -1).transpose(1, 2)
+            k, v = self._key_value(attn, hidden_states, encoder_hidden_states, batch)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, length, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.rescale_output_factor != 1.0:
             out = out / attn.rescale_output_factor
         return out
+
+    def _key_value(self, attn: nn.Module, hidden_states: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor | None,
+                   batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._cross_kv
+        if (encoder_hidden_states is not None and cached is not None
+                and cached[0]() is encoder_hidden_states):
+            return cached[1], cached[2]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        heads, length = attn.heads, context.shape[1]
+        k = attn.to_k(context).view(batch, length, heads, -1).transpose(1, 2)
+        v = attn.to_v(context).view(batch, length, heads, -1).transpose(1, 2)
+        if self.cache_cross_kv and encoder_hidden_states is not None:
+            self._cross_kv = (weakref.ref(encoder_hidden_states, self._forget), k, v)
+        return k, v
+
+    def _forget(self, ref: weakref.ref) -> None:
+        if self._cross_kv is not None and self._cross_kv[0] is ref:
+            self._cross_kv = None
 
 
 def _attention_modules(module: nn.Module) -> Iterator[nn.Module]:
@@ -212,12 +238,13 @@ class _FusedSlice(nn.Module):
         return self.attn.cpu_qkv(x)[..., self.start:self.start + self.out_features]
 
 
-def fuse_attention(unet: nn.Module) -> int:
+def fuse_attention(unet: nn.Module, *, fuse_qkv: bool = True,
+                   cache_cross_kv: bool = False) -> int:
     """Install CpuAttnProcessor on the UNet's attention; fuse q/k/v of self-attention."""
     count = 0
     for attn in _attention_modules(unet):
-        processor = CpuAttnProcessor()
-        if CpuAttnProcessor.handles(attn):
+        processor = CpuAttnProcessor(cache_cross_kv=cache_cross_kv)
+        if fuse_qkv and CpuAttnProcessor.handles(attn):
             if isinstance(attn.to_q, nn.Linear) and all(
                     isinstance(getattr(attn, n), nn.Linear) for n in ("to_k", "to_v")):
                 layers = (attn.to_q, attn.to_k, attn.to_v)
@@ -339,7 +366,8 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
     applied: list[str] = []
     if backend == "ipex":
         options = options.model_copy(update={"prepack_linear": False, "prepack_conv": False,
-                                             "fuse_geglu": False, "fuse_attention": False})
+                                             "fuse_geglu": False, "fuse_attention": False,
+                                             "cross_attention_kv_cache": False})
     tiny_vae = getattr(options, "tiny_vae", None)
     if tiny_vae:
         pipe.vae = load_tiny_vae(tiny_vae, pipe.unet.dtype)
@@ -348,9 +376,11 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
     wants_mkldnn = (options.prepack_linear or options.prepack_conv or options.fuse_geglu)
     if wants_mkldnn and not mkldnn:
         logger.warning("oneDNN (mkldnn) ops unavailable: skipping prepacked weights")
-    if options.fuse_attention and getattr(pipe, "unet", None) is not None:
-        if fuse_attention(pipe.unet):
-            applied.append("fuse_attention")
+    cache_kv = getattr(options, "cross_attention_kv_cache", False)
+    if (options.fuse_attention or cache_kv) and getattr(pipe, "unet", None) is not None:
+        if fuse_attention(pipe.unet, fuse_qkv=options.fuse_attention, cache_cross_kv=cache_kv):
+            applied.extend(name for name, on in (("fuse_attention", options.fuse_attention),
+                                                 ("cross_attention_kv_cache", cache_kv)) if on)
     if options.fuse_geglu and mkldnn and fuse_geglus(pipe.unet):
         applied.append("fuse_geglu")
     if options.prepack_linear and mkldnn:

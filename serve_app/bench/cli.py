@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 OPTIMIZATION_SWITCHES = ("channels_last", "prepack_linear", "prepack_conv", "fuse_geglu",
-                         "fuse_attention", "prompt_cache")
+                         "fuse_attention", "cross_attention_kv_cache", "prompt_cache")
 
 
 def parse_ints(text: str) -> list[int]:

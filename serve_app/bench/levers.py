@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ORDER = ("fuse_attention", "fuse_geglu", "prepack_linear", "channels_last", "prepack_conv")
+ORDER = ("fuse_attention", "fuse_geglu", "prepack_linear", "channels_last", "prepack_conv",
+         "cross_attention_kv_cache")
 
 
 def _time(fn: Any, repeat: int) -> float:

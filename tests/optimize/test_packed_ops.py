@@ -94,3 +94,54 @@ def test_cpu_attention_processor_matches_sdpa_processor():
         # The fallback path (a mask) still works through the fused q/k/v slices.
         mask = torch.ones(2, 20, dtype=torch.bool)
         close(blocks[0](x, attention_mask=mask), ref_self)
+
+
+class CountingLinear(nn.Linear):
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_cross_attention_kv_is_computed_once_per_prompt_tensor():
+    import gc
+
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).to(BF16)
+    counting = CountingLinear(32, 64, bias=False, dtype=BF16)
+    with torch.no_grad():
+        counting.weight.copy_(attn.to_k.weight)
+    attn.to_k = counting
+    x = torch.randn(2, 20, 64, dtype=BF16)
+    ctx, other = torch.randn(2, 7, 32, dtype=BF16), torch.randn(2, 7, 32, dtype=BF16)
+    with torch.inference_mode():
+        ref, ref_other = attn(x, encoder_hidden_states=ctx), attn(x, encoder_hidden_states=other)
+        assert counting.calls == 2
+        fuse_attention(attn, fuse_qkv=False, cache_cross_kv=True)
+        processor = attn.processor
+        steps = [attn(x + i, encoder_hidden_states=ctx) for i in range(3)]
+        assert counting.calls == 3  # one projection for three steps on the same embeddings
+        assert torch.equal(steps[0], ref)  # bit for bit
+        assert torch.equal(attn(x, encoder_hidden_states=other), ref_other)
+        assert counting.calls == 4  # another prompt tensor: recomputed
+        assert torch.equal(attn(x, encoder_hidden_states=ctx), ref)
+        assert counting.calls == 5  # and the first one again: the cache holds one entry
+    del ctx, other
+    gc.collect()
+    assert processor._cross_kv is None  # freed with the embeddings it was computed from
+
+
+def test_cross_attention_kv_cache_off_recomputes_every_call():
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).to(BF16)
+    attn.to_k = CountingLinear(32, 64, bias=False, dtype=BF16)
+    fuse_attention(attn, cache_cross_kv=False)
+    x, ctx = torch.randn(1, 5, 64, dtype=BF16), torch.randn(1, 7, 32, dtype=BF16)
+    with torch.inference_mode():
+        for _ in range(3):
+            attn(x, encoder_hidden_states=ctx)
+    assert attn.to_k.calls == 3 and attn.processor._cross_kv is None

@@ -2,7 +2,7 @@
 
 Tolerance on uint8 RGB output (see BENCHMARKS.md): mean |diff| <= 0.5 and max |diff| <= 8.
 Measured here: 0.27 mean and 3 max for every lever that reorders bf16 arithmetic; exactly 0
-for fuse_attention and the prompt cache.
+for fuse_attention, the cross-attention K/V cache and the prompt cache.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from serve_app.pipeline import DiffusersGenerator
 
 MEAN_TOLERANCE = 0.5
 MAX_TOLERANCE = 8
-LEVERS = ("channels_last", "prepack_linear", "prepack_conv", "fuse_geglu", "fuse_attention")
+LEVERS = ("channels_last", "prepack_linear", "prepack_conv", "fuse_geglu", "fuse_attention",
+          "cross_attention_kv_cache")
 ALL_OFF = dict({name: False for name in LEVERS}, prompt_cache_size=0)
 ITEMS = [GenerationItem("a red cat", 128, 128, steps=2, seed=1, count=2),
          GenerationItem("a blue dog", 128, 128, steps=2, seed=2)]
@@ -71,7 +72,7 @@ def test_each_lever_alone_within_tolerance(tiny_model_dir, eager_images, lever):
     for out in (first, second):
         d = diff(out, eager_images)
         assert d.mean() <= MEAN_TOLERANCE and d.max() <= MAX_TOLERANCE, (lever, d.mean(), d.max())
-    if lever in ("fuse_attention", "prompt_cache_size"):
+    if lever in ("fuse_attention", "cross_attention_kv_cache", "prompt_cache_size"):
         assert np.array_equal(first, eager_images)  # same arithmetic, bit for bit
     assert np.array_equal(first, second)
 
@@ -79,8 +80,8 @@ def test_each_lever_alone_within_tolerance(tiny_model_dir, eager_images, lever):
 def test_defaults_apply_everything_within_tolerance(tiny_model_dir, eager_images):
     pipe = load(tiny_model_dir)
     applied = optimize_pipeline(pipe, OptimizationConfig())
-    assert applied == ["fuse_attention", "fuse_geglu", "prepack_linear", "channels_last",
-                       "prepack_conv", "prompt_cache"]
+    assert applied == ["fuse_attention", "cross_attention_kv_cache", "fuse_geglu",
+                       "prepack_linear", "channels_last", "prepack_conv", "prompt_cache"]
     assert not any(type(m) is nn.Linear for m in pipe.unet.modules())
     assert not any(type(m) is nn.Conv2d for m in pipe.vae.modules())
     assert any(isinstance(m, PackedLinear) for m in pipe.text_encoder_2.modules())
