@@ -44,7 +44,8 @@ def test_torch_comes_from_the_cpu_extra() -> None:
 def test_two_targets_non_root_and_weights_where_the_config_points() -> None:
     text = DOCKERFILE.read_text()
     assert re.findall(r"(?m)^FROM (.+)$", text) == ["${RAY_IMAGE} AS lite", "lite AS full"]
-    assert re.findall(r"(?m)^USER (.+)$", text) == ["1000:100"]
+    # root only to install the allocator; everything after runs as the non-root user.
+    assert re.findall(r"(?m)^USER (.+)$", text) == ["root", "1000:100"]
     assert "COPY --from=weights --chown=1000:100 . /models/sdxl-turbo" in text
 
 
@@ -55,3 +56,12 @@ def test_manifest_images_name_the_targets() -> None:
                   for t in pod_templates(rayservice(overlay)).values()}
         assert images == {
             f"registry.example.com/sdxl-turbo/sdxl-turbo-serve:0.1.0-ray2.60.0-{target}"}
+
+
+def test_tcmalloc_is_installed_and_preloaded_for_every_process() -> None:
+    text = DOCKERFILE.read_text()
+    library = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    assert "apt-get install -y --no-install-recommends libtcmalloc-minimal4" in text
+    assert f"test -f {library}" in text  # the build fails if the path moved
+    assert re.findall(r"(?m)^ENV LD_PRELOAD=(\S+)$", text) == [library]
+    assert text.index("libtcmalloc-minimal4") < text.index("USER 1000:100")
