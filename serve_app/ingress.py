@@ -65,6 +65,11 @@ app = FastAPI(
 
 
 @app.exception_handler(ServiceError)
+def server_timing(timings: dict[str, float]) -> str:
+    """The W3C Server-Timing header: `pipeline;dur=581.2, model;dur=590.4` (milliseconds)."""
+    return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timings.items())
+
+
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     record_error(exc.code)
     return to_response(exc)
@@ -179,8 +184,11 @@ class Ingress(JobRunner):
         body = parse_request(await self._read_body(request), self.config)
         request_id = uuid.uuid4().hex
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        response = await self._generate(body, request_id, seed, self._base_url(request))
-        return JSONResponse(response, headers={"X-Request-ID": request_id})
+        timings: dict[str, float] = {}
+        response = await self._generate(body, request_id, seed, self._base_url(request),
+                                        timings=timings)
+        return JSONResponse(response, headers={"X-Request-ID": request_id,
+                                               "Server-Timing": server_timing(timings)})
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -191,14 +199,23 @@ class Ingress(JobRunner):
     async def _generate(self, body: Text2ImageRequest, request_id: str, seed: int,
                         base_url: str,
                         on_call_done: Callable[[int], None] | None = None,
-                        progress_key: str | None = None) -> dict[str, Any]:
+                        progress_key: str | None = None,
+                        timings: dict[str, float] | None = None) -> dict[str, Any]:
+        """timings, when given, receives where the time went (seconds): `pipeline` (the
+        longest pipeline call inside a model replica), `model` (model calls as the ingress
+        saw them: queue, hops, pipeline), `store` (PNG encoding and storage)."""
         items = plan_calls(body, seed, progress_key)
         started = time.perf_counter()
         results = await self._run_calls(items, request_id, on_call_done)
         generation_s = time.perf_counter() - started
 
         images = [result["images"] for result in results]
+        stored = time.perf_counter()
         await self._store_images(request_id, images)
+        if timings is not None:
+            timings["pipeline"] = max(result.get("pipeline_s", 0.0) for result in results)
+            timings["model"] = generation_s
+            timings["store"] = time.perf_counter() - stored
         base = f"{base_url}/images/{request_id}"
         output = [
             {"latencySeconds": round(result["latency_s"], 4), "url": f"{base}/{image_name(i, j)}"}

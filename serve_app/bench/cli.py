@@ -228,6 +228,8 @@ def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # httpx logs every request at INFO: one line per request would bury the summary.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     result = run_load_mode(args) if args.url else run_direct_mode(args)
     if args.json_path:
         path = Path(args.json_path)

@@ -34,6 +34,23 @@ class RequestResult:
     images: int = 0
     generation_s: float | None = None
     error: str | None = None
+    # From the response's Server-Timing header, seconds: pipeline, model, store.
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """`pipeline;dur=581.2, store;dur=3.1` -> {"pipeline": 0.5812, "store": 0.0031}."""
+    timings: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name and key == "dur":
+                try:
+                    timings[name] = float(value) / 1000.0
+                except ValueError:
+                    pass
+    return timings
 
 
 @dataclass
@@ -78,6 +95,16 @@ def summarize(results: Sequence[RequestResult], wall_s: float,
         summary["generation_s_p50"] = gen_p50
         # What HTTP, queueing, batching, encoding and storage add on top of the model call.
         summary["serve_overhead_p50_s"] = summary["latency_s"]["p50"] - gen_p50
+    timed = [r for r in ok if "pipeline" in r.timings]
+    if timed:
+        # Per request, so queueing and load drift cancel: what the service adds to the
+        # pipeline's own time (HTTP, proxy, hops to the replica, batching, PNG, storage).
+        summary["pipeline_s_p50"] = percentile([r.timings["pipeline"] for r in timed], 50)
+        summary["overhead_vs_pipeline_s"] = {
+            f"p{q}": percentile([r.latency_s - r.timings["pipeline"] for r in timed], q)
+            for q in (50, 90)}
+        if all("store" in r.timings for r in timed):
+            summary["store_s_p50"] = percentile([r.timings["store"] for r in timed], 50)
     return summary
 
 
@@ -93,7 +120,8 @@ def _one_request(client: Any, url: str, body: dict[str, Any],
         data = response.json()
         return RequestResult(data.get("status") == "success", latency, response.status_code,
                              images=len(data.get("output") or []),
-                             generation_s=data.get("generationTimeSeconds"))
+                             generation_s=data.get("generationTimeSeconds"),
+                             timings=parse_server_timing(response.headers.get("server-timing")))
     except Exception as exc:  # connection errors, timeouts: counted, not raised
         return RequestResult(False, time.perf_counter() - started,
                              error=f"{type(exc).__name__}: {exc}"[:200])
@@ -147,6 +175,13 @@ def format_load(summary: dict[str, Any]) -> str:
         lines.append(f"generationTimeSeconds p50 {summary['generation_s_p50']:.3f}s  "
                      f"serve overhead (HTTP p50 - generation p50) "
                      f"{summary['serve_overhead_p50_s']:.3f}s")
+    if "overhead_vs_pipeline_s" in summary:
+        over = summary["overhead_vs_pipeline_s"]
+        lines.append(f"pipeline p50 {summary['pipeline_s_p50']:.3f}s  serve overhead "
+                     f"(HTTP - pipeline, per request) p50 {over['p50'] * 1000:.1f} ms  "
+                     f"p90 {over['p90'] * 1000:.1f} ms"
+                     + (f"  (PNG + store p50 {summary['store_s_p50'] * 1000:.1f} ms)"
+                        if "store_s_p50" in summary else ""))
     if summary["errors"]:
         lines.append(f"errors {summary['errors']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app.bench.load import parse_server_timing
 from tests.integration.conftest import REFERENCE_PROMPT, post
 
 pytestmark = pytest.mark.integration
@@ -71,6 +72,12 @@ def test_1024_gives_1024_images(tiny_app):
     response = post(tiny_app, {"prompt": "big", "size": "1024x1024", "step": 1})
     assert response.status_code == 200
     assert fetch_png(response.json()["output"][0]["url"]).size == (1024, 1024)
+    # Where the time went, for the load benchmark's per-request overhead figure.
+    timings = parse_server_timing(response.headers["server-timing"])
+    assert list(timings) == ["pipeline", "model", "store"]
+    assert 0 < timings["pipeline"] <= timings["model"]
+    assert timings["model"] == pytest.approx(response.json()["generationTimeSeconds"], abs=1e-3)
+    assert timings["store"] > 0
 
 
 def test_same_seed_gives_the_same_bytes(tiny_app):

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from serve_app.bench.cli import main
-from serve_app.bench.load import RequestResult, percentile, run_load, summarize
+from serve_app.bench.load import (
+    RequestResult,
+    parse_server_timing,
+    percentile,
+    run_load,
+    summarize,
+)
 
 
 def test_bench_cli_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
@@ -71,6 +77,30 @@ def test_summary_counts_failures_and_overhead():
     assert s["generation_s_p50"] == 1.5
     assert s["serve_overhead_p50_s"] == pytest.approx(1.5)
     assert s["status_codes"] == {"200": 3, "503": 1, "none": 1}
+    assert "overhead_vs_pipeline_s" not in s  # no Server-Timing in these responses
+
+
+def test_parse_server_timing():
+    assert parse_server_timing("pipeline;dur=581.2, model;dur=590.4,store;dur=3") == {
+        "pipeline": pytest.approx(0.5812), "model": pytest.approx(0.5904),
+        "store": pytest.approx(0.003)}
+    assert parse_server_timing('db;desc="x";dur=2.5, cache, bad;dur=x') == {
+        "db": pytest.approx(0.0025)}
+    assert parse_server_timing(None) == {} and parse_server_timing("") == {}
+
+
+def test_overhead_is_taken_per_request_against_the_pipeline_time():
+    results = [RequestResult(True, 1.020, 200, timings={"pipeline": 1.0, "store": 0.004}),
+               RequestResult(True, 2.050, 200, timings={"pipeline": 2.0, "store": 0.006}),
+               RequestResult(True, 0.530, 200, timings={"pipeline": 0.5, "store": 0.005}),
+               RequestResult(False, 9.0, 500, error="HTTP 500",
+                             timings={"pipeline": 0.1})]
+    s = summarize(results, wall_s=4.0)
+    assert s["pipeline_s_p50"] == 1.0
+    # per request: 20, 50, 30 ms -> p50 30 ms (not p50 latency 1.02 - p50 pipeline 1.0)
+    assert s["overhead_vs_pipeline_s"]["p50"] == pytest.approx(0.030)
+    assert s["overhead_vs_pipeline_s"]["p90"] == pytest.approx(0.046)
+    assert s["store_s_p50"] == pytest.approx(0.005)
 
 
 class _FakeService(BaseHTTPRequestHandler):
@@ -90,6 +120,7 @@ class _FakeService(BaseHTTPRequestHandler):
                               "output": [{"url": "x", "latencySeconds": 0.01}] * body["number"]})
         self.send_response(200)
         self.send_header("content-type", "application/json")
+        self.send_header("server-timing", "pipeline;dur=8, model;dur=9.5, store;dur=1")
         self.end_headers()
         self.wfile.write(payload.encode())
 
@@ -104,14 +135,18 @@ def test_run_load_against_a_local_server():
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        summary = run_load(url, requests=20, concurrency=4,
-                           body={"prompt": "p", "number": 2}).to_dict()
+        load = run_load(url, requests=20, concurrency=4, body={"prompt": "p", "number": 2})
+        summary = load.to_dict()
     finally:
         server.shutdown()
     assert summary["requests"] == 20
     assert summary["succeeded"] == 16 and summary["status_codes"]["503"] == 4
     assert summary["images"] == 32
     assert summary["generation_s_p50"] == 0.01
+    assert summary["pipeline_s_p50"] == 0.008 and summary["store_s_p50"] == 0.001
+    ok = [r for r in load.results if r.ok]
+    assert summary["overhead_vs_pipeline_s"]["p50"] == pytest.approx(
+        percentile([r.latency_s - 0.008 for r in ok], 50))
 
 
 def test_bench_cli_interleaved(tiny_model_dir, tmp_path):
