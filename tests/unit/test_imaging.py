@@ -17,6 +17,26 @@ def test_png_decodes_to_the_same_pixels(shape):
     assert np.array_equal(np.asarray(decoded), pixels)
 
 
+def photo_like(size: int = 256) -> np.ndarray:
+    """Smooth gradients with sensor-like noise: how photographs compress, unlike pure noise."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:size, 0:size]
+    smooth = np.stack([x % 256, y % 256, ((x + y) // 2) % 256], -1).astype(np.int16)
+    return np.clip(smooth + rng.normal(0, 3, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def test_png_default_is_run_length_deflate_and_smaller_than_level_1_on_photos():
+    import zlib
+
+    pixels = photo_like()
+    fast, matched = encode_png(pixels), encode_png(pixels, strategy=zlib.Z_DEFAULT_STRATEGY)
+    for data in (fast, matched):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    assert len(fast) < len(matched)
+    flat = np.full((64, 64, 3), 200, dtype=np.uint8)  # runs of zero residuals
+    assert len(encode_png(flat)) < flat.nbytes // 32  # 222 bytes for 12 KB of pixels
+
+
 def test_png_rejects_other_layouts():
     with pytest.raises(ValueError, match="expected uint8 HxWx3"):
         encode_png(np.zeros((4, 4), dtype=np.uint8))
