@@ -64,12 +64,12 @@ app = FastAPI(
 )
 
 
-@app.exception_handler(ServiceError)
 def server_timing(timings: dict[str, float]) -> str:
     """The W3C Server-Timing header: `pipeline;dur=581.2, model;dur=590.4` (milliseconds)."""
     return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timings.items())
 
 
+@app.exception_handler(ServiceError)
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     record_error(exc.code)
     return to_response(exc)

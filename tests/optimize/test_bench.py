@@ -179,3 +179,17 @@ def test_bench_cli_load_mode_writes_json(tmp_path, capsys):
     assert {"p50", "p90", "p95", "p99"} <= set(summary["latency_s"])
     assert {"success_rate", "images_per_s", "serve_overhead_p50_s"} <= set(summary)
     assert "serve overhead" in capsys.readouterr().out
+
+
+def test_compile_unet_bench_levers_variant(tiny_model_dir, tmp_path, capsys):
+    from serve_app.bench import compile_unet
+
+    out = tmp_path / "compile.json"
+    assert compile_unet.main(["--variant", "levers", "--model", str(tiny_model_dir),
+                              "--size", "64", "--repeat", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["variant"] == "levers" and data["size"] == 64
+    assert data["speedup_vs_eager"] == pytest.approx(data["eager_step_s"] / data["step_s"])
+    assert len(data["steps_s"]) == 1
+    assert 0 <= data["max_abs_diff_vs_eager"] <= 0.1  # bf16 reordering only
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == data
