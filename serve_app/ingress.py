@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serve_app.auth import ApiKeys
@@ -28,7 +29,10 @@ from serve_app.config import AppConfig
 from serve_app.errors import (
     GenerationFailed,
     GenerationTimeout,
+    HTTPStatusError,
     InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
@@ -73,6 +77,22 @@ def server_timing(timings: dict[str, float]) -> str:
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     record_error(exc.code)
     return to_response(exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods, raised by the router before any endpoint runs:
+    the same JSON error body and error metric as every other error."""
+    if exc.status_code == 405:
+        err: ServiceError = MethodNotAllowed(
+            f"{request.method} is not allowed on {request.url.path}",
+            allow=(exc.headers or {}).get("Allow"))
+    elif exc.status_code == 404:
+        err = NotFound(f"no endpoint at {request.url.path}")
+    else:
+        err = HTTPStatusError(str(exc.detail), status_code=exc.status_code)
+    record_error(err.code)
+    return to_response(err)
 
 
 @app.exception_handler(RequestValidationError)

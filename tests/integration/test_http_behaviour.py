@@ -70,6 +70,18 @@ def test_unknown_images_and_traversal_get_404(fake_app, path):
     assert "root:" not in response.text
 
 
+def test_unknown_routes_and_methods_get_the_json_error_body(fake_app):
+    missing = httpx.get(f"{fake_app}/api/no-such-endpoint")
+    assert missing.status_code == 404
+    assert missing.json() == {"status": "error", "error": {
+        "code": "not_found", "message": "no endpoint at /fake/api/no-such-endpoint"}}
+    wrong = httpx.get(f"{fake_app}/api/text2image")
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+    assert wrong.json()["error"]["message"] == "GET is not allowed on /fake/api/text2image"
+
+
 def test_failed_generation_gets_500_with_request_id_and_no_trace(fake_app):
     response = post(fake_app, {"prompt": FAIL_PROMPT})
     assert response.status_code == 500

@@ -77,6 +77,10 @@ def observe(samples) -> dict[str, float]:
                                         code="invalid_request"),
         "errors generation_failed": total(samples, "ray_sdxl_errors_total", application=APP,
                                           code="generation_failed"),
+        "errors not_found": total(samples, "ray_sdxl_errors_total", application=APP,
+                                  code="not_found"),
+        "errors method_not_allowed": total(samples, "ray_sdxl_errors_total", application=APP,
+                                           code="method_not_allowed"),
         "http 200": total(samples, "ray_serve_num_http_requests_total", application=APP,
                           status_code="200"),
         "http 422": total(samples, "ray_serve_num_http_requests_total", application=APP,
@@ -109,6 +113,9 @@ def test_counters_move_after_requests(metrics_app, metrics_url):
     for _ in range(2):
         assert post(metrics_app, {"prompt": ""}).status_code == 422
     assert post(metrics_app, {"prompt": FAIL_PROMPT}).status_code == 500
+    # Routing errors raised by the framework itself are counted as ours are.
+    assert httpx.get(f"{metrics_app}/api/no-such-endpoint").status_code == 404
+    assert httpx.get(f"{metrics_app}/api/text2image").status_code == 405
 
     stats = serve.get_deployment_handle("Text2ImageModel", app_name=APP).stats.remote().result()
     # Sequential requests make one batch each; the 2 calls of one request make 1 or 2.
@@ -121,8 +128,9 @@ def test_counters_move_after_requests(metrics_app, metrics_url):
         "batches": len(stats["batch_sizes"]), "calls in batches": 7, "queue waits": 7,
         "encoded images": 9, "encoded grids": 1,
         "errors invalid_request": 2, "errors generation_failed": 1,
+        "errors not_found": 1, "errors method_not_allowed": 1,
         "http 200": 5, "http 422": 2, "http 500": 1,
-        "http errors 422": 2, "http errors 500": 1, "http latency observations": 8,
+        "http errors 422": 2, "http errors 500": 1, "http latency observations": 10,
         "healthy model replicas": 1, "healthy ingress replicas": 1,
     }
 
