@@ -6,6 +6,7 @@ deployment starts, so a typo fails `serve run` at once instead of inside a repli
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 
@@ -24,6 +25,13 @@ def parse_size(size: str) -> tuple[int, int]:
     if width % 8 or height % 8:
         raise ValueError(f"size must be a multiple of 8 on both sides, got {size!r}")
     return width, height
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 class StrictModel(BaseModel):
@@ -170,6 +178,22 @@ class JobsConfig(StrictModel):
     max_attempts: int = Field(default=3, ge=1)
     callback_attempts: int = Field(default=5, ge=1)
     callback_backoff_s: float = Field(default=1.0, ge=0)
+    # Hosts a job's callbackUrl may name: exact host names or IPs, or "*.example.com" for
+    # its subdomains. null allows any host: set it when clients are not fully trusted,
+    # since the ingress POSTs wherever callbackUrl points, inside your network too.
+    # Callbacks never follow redirects.
+    callback_hosts: list[str] | None = None
+
+    @field_validator("callback_hosts")
+    @classmethod
+    def _hosts_are_names(cls, hosts: list[str] | None) -> list[str] | None:
+        for host in hosts or []:
+            pattern = host[2:] if host.startswith("*.") else host.strip("[]")
+            if ":" in pattern and not _is_ipv6(pattern) or not pattern or any(
+                    c in pattern for c in "/*@ "):
+                raise ValueError(f"callback_hosts: {host!r} is not a host name, an IP, "
+                                 "or '*.domain' (no scheme, port or path)")
+        return hosts
 
     @model_validator(mode="after")
     def _heartbeat_inside_lease(self) -> JobsConfig:

@@ -42,7 +42,7 @@ from serve_app.errors import (
 )
 from serve_app.imaging import encode_png, make_grid
 from serve_app.job_runner import JobRunner
-from serve_app.jobs import JobRecord, JobRequest, Progress, key_name
+from serve_app.jobs import JobRecord, JobRequest, Progress, callback_host_allowed, key_name
 from serve_app.metrics import ingress_metrics, record_error
 from serve_app.request_parsing import MAX_BODY_BYTES, parse_request, plan_calls
 from serve_app.schemas import (
@@ -328,6 +328,10 @@ class Ingress(JobRunner):
         """Queue a generation; poll the status URL, or get a POST at `callbackUrl`."""
         self._authorize(request)
         body = parse_request(await self._read_body(request), self.config, JobRequest)
+        if body.callbackUrl is not None and not callback_host_allowed(
+                body.callbackUrl.host, self.config.jobs.callback_hosts):
+            raise InvalidRequest("callbackUrl names a host this service may not call "
+                                 "(jobs.callback_hosts)", field="callbackUrl")
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key:
             existing = await self._job_for_key(idempotency_key)

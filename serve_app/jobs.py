@@ -85,15 +85,44 @@ def load(data: bytes) -> JobRecord:
     return JobRecord.model_validate_json(data)
 
 
+def callback_host_allowed(host: str | None, allowed: list[str] | None) -> bool:
+    """`allowed` None: any host. Otherwise exact names/IPs, or "*.example.com" for its
+    subdomains (not example.com itself). Case-insensitive."""
+    if allowed is None:
+        return True
+    if not host:
+        return False
+    host = host.lower().rstrip(".").strip("[]")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".").strip("[]")
+        if entry.startswith("*."):
+            if host.endswith(entry[1:]) and host != entry[2:]:
+                return True
+        elif host == entry:
+            return True
+    return False
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would let a callback reach a host the allow-list never saw."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_CALLBACK_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def post_callback(url: str, payload: dict[str, Any], attempts: int,
                   backoff_s: float) -> bool:
-    """POST the payload; retry on errors and non-2xx with exponential backoff."""
+    """POST the payload; retry on errors and non-2xx with exponential backoff. Redirects
+    are not followed (a 3xx counts as a failed attempt)."""
     body = json.dumps(payload).encode()
     for attempt in range(1, attempts + 1):
         request = urllib.request.Request(url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:
+            with _CALLBACK_OPENER.open(request, timeout=CALLBACK_TIMEOUT_S) as response:
                 if 200 <= response.status < 300:
                     return True
         except Exception as exc:

@@ -17,7 +17,7 @@ from tests.integration.test_load_and_faults import replica_actor_names
 pytestmark = pytest.mark.integration
 
 FAST_JOBS = {"lease_s": 2.0, "heartbeat_s": 0.5, "scan_interval_s": 0.5,
-             "callback_backoff_s": 0.1}
+             "callback_backoff_s": 0.1, "callback_hosts": ["127.0.0.1"]}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,12 @@ def test_job_errors(jobs_app):
     bad_callback = submit(url, {"prompt": "p", "callbackUrl": "not a url"})
     assert (bad_callback.status_code, bad_callback.json()["error"]["field"]) == (
         422, "callbackUrl")
+    # jobs.callback_hosts allows 127.0.0.1 only: the metadata service is refused up front.
+    refused = submit(url, {"prompt": "p", "callbackUrl": "http://169.254.169.254/latest"})
+    assert refused.status_code == 422
+    assert refused.json()["error"] == {
+        "code": "invalid_request", "field": "callbackUrl",
+        "message": "callbackUrl names a host this service may not call (jobs.callback_hosts)"}
     assert httpx.get(f"{url}/api/jobs/{uuid.uuid4().hex}").status_code == 404
     assert httpx.get(f"{url}/api/jobs/..%2F..%2Fetc").status_code == 404
 
