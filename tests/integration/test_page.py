@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import post
+from tests.integration.conftest import API_KEYS, API_KEYS_ENV, deploy, fake_args, post
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +157,39 @@ def test_playground_generates_and_shows_errors(browser, fake_app):
     if os.environ.get("SDXL_SCREENSHOT_DIR"):
         target = Path(os.environ["SDXL_SCREENSHOT_DIR"]) / "playground-error.png"
         browser.save_screenshot(str(target))
+
+
+@pytest.fixture(scope="module")
+def protected_app(serve_url, tmp_path_factory):
+    deploy("protected-page", "/protected-page", fake_args(
+        tmp_path_factory.mktemp("protected-page"),
+        security={"api_keys_env": API_KEYS_ENV, "protect_images": True}))
+    yield f"{serve_url}/protected-page"
+    from ray import serve
+
+    serve.delete("protected-page")
+
+
+def test_playground_shows_protected_images_with_the_api_key(browser, protected_app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(protected_app)
+    browser.find_element(By.CSS_SELECTOR, "details summary").click()  # the API key field
+    browser.find_element(By.ID, "apikey").send_keys(API_KEYS[0])
+    browser.find_element(By.ID, "prompt").send_keys("a locked door")
+    number = browser.find_element(By.ID, "number")
+    number.clear()
+    number.send_keys("2")
+    browser.find_element(By.ID, "submit").click()
+    _wait(browser, _loaded("document.querySelectorAll('img.result-image')[1]"), "the images")
+    _wait(browser, _loaded("document.getElementById('grid')"), "the grid")
+
+    images = browser.find_elements(By.CSS_SELECTOR, "img.result-image")
+    assert [_natural_size(browser, img) for img in images] == [(512, 512), (512, 512)]
+    assert _natural_size(browser, browser.find_element(By.ID, "grid")) == (1024, 512)
+    # Fetched with the key and shown from memory: a plain <img src> would get a 401.
+    assert all(img.get_attribute("src").startswith("blob:") for img in images)
+    url = images[0].get_attribute("data-url")
+    assert url.startswith(f"{protected_app}/images/") and url.endswith("/0_0.png")
+    assert httpx.get(url).status_code == 401
+    assert not browser.find_element(By.ID, "error").is_displayed()
