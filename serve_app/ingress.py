@@ -41,7 +41,7 @@ from serve_app.errors import (
     to_response,
 )
 from serve_app.imaging import encode_png, make_grid
-from serve_app.job_runner import JobRunner
+from serve_app.job_runner import JobRunner, KeyedLocks
 from serve_app.jobs import JobRecord, JobRequest, Progress, callback_host_allowed, key_name
 from serve_app.metrics import ingress_metrics, record_error
 from serve_app.request_parsing import MAX_BODY_BYTES, parse_request, plan_calls
@@ -137,6 +137,7 @@ class Ingress(JobRunner):
                                          daemon=True)
         self._cleaner.start()
         self._running_jobs: dict[str, asyncio.Task] = {}
+        self._idempotency_locks = KeyedLocks()
         # Jobs whose ingress died (records gone stale) are picked up by a live one.
         self._job_scanner = asyncio.get_running_loop().create_task(self._scan_jobs_forever())
 
@@ -333,12 +334,19 @@ class Ingress(JobRunner):
             raise InvalidRequest("callbackUrl names a host this service may not call "
                                  "(jobs.callback_hosts)", field="callbackUrl")
         idempotency_key = request.headers.get("idempotency-key")
-        if idempotency_key:
+        if not idempotency_key:
+            return await self._create_job(body, None, self._base_url(request))
+        # Concurrent retries with one key on this ingress replica create one job. (Across
+        # ingress replicas the store has no atomic create: there a window remains.)
+        async with self._idempotency_locks.hold(idempotency_key):
             existing = await self._job_for_key(idempotency_key)
             if existing is not None:
                 return JSONResponse(existing.public(), status_code=200)
+            return await self._create_job(body, idempotency_key, self._base_url(request))
+
+    async def _create_job(self, body: JobRequest, idempotency_key: str | None,
+                          base: str) -> JSONResponse:
         job_id = uuid.uuid4().hex
-        base = self._base_url(request)
         now = time.time()
         record = JobRecord(
             id=job_id, createdAt=now, updatedAt=now,

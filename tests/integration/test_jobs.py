@@ -101,6 +101,18 @@ def test_idempotency_key_returns_the_same_job(jobs_app):
     assert other.json()["id"] != first.json()["id"]
 
 
+def test_concurrent_submissions_with_one_key_create_one_job(jobs_app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = jobs_app
+    key = {"Idempotency-Key": f"race-{uuid.uuid4()}"}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(
+            lambda _: submit(url, {"prompt": "only once"}, headers=key), range(8)))
+    assert sorted(r.status_code for r in responses) == [200] * 7 + [202]
+    assert len({r.json()["id"] for r in responses}) == 1
+
+
 class CallbackSink(BaseHTTPRequestHandler):
     received: list = []
     failures_left = 2

@@ -58,3 +58,24 @@ def test_the_final_record_is_the_last_write():
     stored = json.loads(runner.store.records[record_name("a" * 32)])
     assert (stored["status"], stored["attempts"]) == ("succeeded", 1)
     assert stored["progress"] == {"done": 1, "total": 1, "stepsDone": 1, "stepsTotal": 1}
+
+
+def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
+    from serve_app.job_runner import KeyedLocks
+
+    locks = KeyedLocks()
+    events: list[str] = []
+
+    async def worker(key: str, name: str) -> None:
+        async with locks.hold(key):
+            events.append(f"{name} in")
+            await asyncio.sleep(0.01)
+            events.append(f"{name} out")
+
+    async def main() -> int:
+        await asyncio.gather(worker("k", "a"), worker("k", "b"), worker("other", "c"))
+        return len(locks)
+
+    assert asyncio.run(main()) == 0  # no lock left behind
+    # a and b never overlap; c (another key) runs beside a.
+    assert events == ["a in", "c in", "a out", "c out", "b in", "b out"]
