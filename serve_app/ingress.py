@@ -42,7 +42,14 @@ from serve_app.errors import (
 )
 from serve_app.imaging import encode_png, make_grid
 from serve_app.job_runner import JobRunner, KeyedLocks
-from serve_app.jobs import JobRecord, JobRequest, Progress, callback_host_allowed, key_name
+from serve_app.jobs import (
+    JobRecord,
+    JobRequest,
+    Progress,
+    callback_host_allowed,
+    key_name,
+    record_name,
+)
 from serve_app.metrics import ingress_metrics, record_error
 from serve_app.request_parsing import MAX_BODY_BYTES, parse_request, plan_calls
 from serve_app.schemas import (
@@ -336,8 +343,8 @@ class Ingress(JobRunner):
         idempotency_key = request.headers.get("idempotency-key")
         if not idempotency_key:
             return await self._create_job(body, None, self._base_url(request))
-        # Concurrent retries with one key on this ingress replica create one job. (Across
-        # ingress replicas the store has no atomic create: there a window remains.)
+        # Concurrent retries with one key create one job: serialised here on this replica,
+        # and across replicas by creating the key's record only if it is absent.
         async with self._idempotency_locks.hold(idempotency_key):
             existing = await self._job_for_key(idempotency_key)
             if existing is not None:
@@ -358,9 +365,18 @@ class Ingress(JobRunner):
             statusUrl=f"{base}/api/jobs/{job_id}",
         )
         await self._save_job(record)
-        if idempotency_key:
+        if idempotency_key and not await asyncio.to_thread(
+                self.store.create_record, key_name(idempotency_key), job_id.encode()):
+            # Another ingress replica claimed the key first; its job record was saved
+            # before its claim, so it can be read now. Ours never runs.
+            await asyncio.to_thread(self.store.delete_record, record_name(job_id))
+            existing = await self._job_for_key(idempotency_key)
+            if existing is not None:
+                return JSONResponse(existing.public(), status_code=200)
+            # The key names a job that is gone (expired): this one takes the key over.
             await asyncio.to_thread(self.store.put_record, key_name(idempotency_key),
                                     job_id.encode())
+            await self._save_job(record)
         self._start_job(record, base)
         return JSONResponse(record.public(), status_code=202,
                             headers={"Location": record.statusUrl or ""})

@@ -92,9 +92,9 @@ class JobRunner:
     async def _job_for_key(self, idempotency_key: str) -> JobRecord | None:
         try:
             job_id = await asyncio.to_thread(self.store.get_record, key_name(idempotency_key))
+            return await self._load_job(job_id.decode())
         except NotFound:
             return None
-        return await self._load_job(job_id.decode())
 
     def _start_job(self, record: JobRecord, base_url: str) -> None:
         if record.id in self._running_jobs:

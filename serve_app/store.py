@@ -89,6 +89,24 @@ class ImageStore:
             self.fs.makedirs(f"{self.root}/{RECORDS_DIR}", exist_ok=True)
         self.fs.pipe_file(self._record_path(name), data)
 
+    def create_record(self, name: str, data: bytes) -> bool:
+        """Write only if absent; False when the record exists. Atomic on local disks and on
+        S3 stores that honour `If-None-Match: *` (AWS S3, MinIO); a store that ignores the
+        condition overwrites, as put_record does."""
+        if self._local:
+            self.fs.makedirs(f"{self.root}/{RECORDS_DIR}", exist_ok=True)
+        try:
+            self.fs.pipe_file(self._record_path(name), data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def delete_record(self, name: str) -> None:
+        try:
+            self.fs.rm(self._record_path(name))
+        except FileNotFoundError:
+            pass
+
     def get_record(self, name: str) -> bytes:
         try:
             return self.fs.cat_file(self._record_path(name))

@@ -31,6 +31,20 @@ def test_images_live_in_the_bucket_and_every_ingress_replica_serves_them(serve_u
     assert {r.status_code for r in fetched} == {200}
     assert {r.content for r in fetched} == {stored}
     assert httpx.get(f"{url}/images/{'0' * 32}/0_0.png").status_code == 404
+
+    # Job submissions with one Idempotency-Key, at once, spread over both ingress replicas:
+    # the key's record is created only if absent (If-None-Match), so one job exists.
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = {"Idempotency-Key": "s3-order-1"}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: httpx.post(
+            f"{url}/api/jobs", json={"prompt": "once"}, headers=key, timeout=30), range(8)))
+    assert sorted(r.status_code for r in responses) == [200] * 7 + [202]
+    (job_id,) = {r.json()["id"] for r in responses}
+    records = [o["Key"] for o in s3.list_objects_v2(
+        Bucket="sd-images", Prefix="images/jobs/job-")["Contents"]]
+    assert records == [f"images/jobs/job-{job_id}.json"]
     from ray import serve
 
     serve.delete("s3")

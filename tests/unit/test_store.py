@@ -61,3 +61,16 @@ def test_cleanup_deletes_only_expired_ids(tmp_path):
     assert store.get(fresh, "0_0.png") == b"fresh"
     assert (tmp_path / "not-an-id").exists()
     assert store.cleanup(ttl_s=3600) == 0
+
+
+def test_create_record_writes_only_if_absent_and_delete_forgets(tmp_path):
+    KEY = "key-" + "ab" * 32  # noqa: N806
+    store = ImageStore(str(tmp_path))
+    assert store.create_record(KEY, b"first") is True
+    assert store.create_record(KEY, b"second") is False
+    assert store.get_record(KEY) == b"first"
+    store.delete_record(KEY)
+    store.delete_record(KEY)  # already gone: no error
+    with pytest.raises(NotFound):
+        store.get_record(KEY)
+    assert store.create_record(KEY, b"third") is True
