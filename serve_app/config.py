@@ -189,8 +189,8 @@ class JobsConfig(StrictModel):
     def _hosts_are_names(cls, hosts: list[str] | None) -> list[str] | None:
         for host in hosts or []:
             pattern = host[2:] if host.startswith("*.") else host.strip("[]")
-            if ":" in pattern and not _is_ipv6(pattern) or not pattern or any(
-                    c in pattern for c in "/*@ "):
+            has_port = ":" in pattern and not _is_ipv6(pattern)
+            if not pattern or has_port or any(c in pattern for c in "/*@ "):
                 raise ValueError(f"callback_hosts: {host!r} is not a host name, an IP, "
                                  "or '*.domain' (no scheme, port or path)")
         return hosts

@@ -368,15 +368,14 @@ class Ingress(JobRunner):
         if idempotency_key and not await asyncio.to_thread(
                 self.store.create_record, key_name(idempotency_key), job_id.encode()):
             # Another ingress replica claimed the key first; its job record was saved
-            # before its claim, so it can be read now. Ours never runs.
-            await asyncio.to_thread(self.store.delete_record, record_name(job_id))
+            # before its claim, so it can be read now, and ours never runs.
             existing = await self._job_for_key(idempotency_key)
             if existing is not None:
+                await asyncio.to_thread(self.store.delete_record, record_name(job_id))
                 return JSONResponse(existing.public(), status_code=200)
             # The key names a job that is gone (expired): this one takes the key over.
             await asyncio.to_thread(self.store.put_record, key_name(idempotency_key),
                                     job_id.encode())
-            await self._save_job(record)
         self._start_job(record, base)
         return JSONResponse(record.public(), status_code=202,
                             headers={"Location": record.statusUrl or ""})

@@ -83,20 +83,19 @@ class ImageStore:
             raise NotFound("record not found")
         return f"{self.root}/{RECORDS_DIR}/{name}.json"
 
-    def put_record(self, name: str, data: bytes) -> None:
-        """Small JSON records (async jobs) beside the images, durable as the images are."""
+    def put_record(self, name: str, data: bytes, *, mode: str = "overwrite") -> None:
+        """Small JSON records (async jobs) beside the images, durable as the images are.
+        mode "create" raises FileExistsError if the record exists."""
         if self._local:
             self.fs.makedirs(f"{self.root}/{RECORDS_DIR}", exist_ok=True)
-        self.fs.pipe_file(self._record_path(name), data)
+        self.fs.pipe_file(self._record_path(name), data, mode=mode)
 
     def create_record(self, name: str, data: bytes) -> bool:
         """Write only if absent; False when the record exists. Atomic on local disks and on
         S3 stores that honour `If-None-Match: *` (AWS S3, MinIO); a store that ignores the
         condition overwrites, as put_record does."""
-        if self._local:
-            self.fs.makedirs(f"{self.root}/{RECORDS_DIR}", exist_ok=True)
         try:
-            self.fs.pipe_file(self._record_path(name), data, mode="create")
+            self.put_record(name, data, mode="create")
         except FileExistsError:
             return False
         return True
