@@ -215,8 +215,9 @@ class Ingress(JobRunner):
         timings: dict[str, float] = {}
         response = await self._generate(body, request_id, seed, self._base_url(request),
                                         timings=timings)
-        return JSONResponse(response, headers={"X-Request-ID": request_id,
-                                               "Server-Timing": server_timing(timings)})
+        # No X-Request-ID of ours: Ray Serve's proxy sets that header (the client's own, or
+        # its trace id) and logs it beside our id; a second value would contradict it.
+        return JSONResponse(response, headers={"Server-Timing": server_timing(timings)})
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

@@ -78,6 +78,8 @@ def test_1024_gives_1024_images(tiny_app):
     assert 0 < timings["pipeline"] <= timings["model"]
     assert timings["model"] == pytest.approx(response.json()["generationTimeSeconds"], abs=1e-3)
     assert timings["store"] > 0
+    # One request id header (Ray Serve's), not a second, different one from the ingress.
+    assert len(response.headers.get_list("x-request-id")) == 1
 
 
 def test_same_seed_gives_the_same_bytes(tiny_app):
