@@ -63,8 +63,10 @@ class ModelConfig(StrictModel):
     revision: str | None = None
     # Where the embedded model is written; defaults to ~/.cache/sdxl-turbo-serve.
     cache_dir: str | None = None
-    # bfloat16 on CPU. float16 is only valid with a GPU: on CPU it is ~1000x slower.
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # auto: bfloat16 on CPUs with native bf16 (amx_bf16, avx512_bf16), float32 on others
+    # (bf16 is emulated there, many times slower), float16 on a GPU (serve_app/cpu.py).
+    # float16 is only valid with a GPU: on CPU it is ~1000x slower.
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     backend: Literal["auto", "ipex", "torch"] = "auto"
     # Sizes compiled/warmed at start-up so the first real request pays no one-off cost.
     warmup_sizes: list[str] = Field(default_factory=lambda: ["512x512"])
@@ -237,7 +239,7 @@ class AppConfig(StrictModel):
         if self.model.dtype == "float16" and self.replica.num_gpus == 0:
             raise ValueError(
                 "model.dtype float16 needs a GPU (replica.num_gpus > 0); "
-                "on CPU use bfloat16"
+                "on CPU use auto (bfloat16 or float32 by the CPU's bf16 support)"
             )
         for size in self.model.warmup_sizes:
             if size not in self.limits.allowed_sizes:

@@ -196,9 +196,14 @@ class Ingress(JobRunner):
             "model": info.get("model"),
             "backend": info.get("backend"),
             "dtype": info.get("dtype"),
+            "dtypeReason": info.get("dtype_reason"),
+            "cpu": info.get("cpu"),
             "device": info.get("device"),
             "threads": info.get("threads"),
             "tee": info.get("tee"),
+            "optimizations": {"applied": info.get("optimizations", []),
+                              "skipped": info.get("optimizations_skipped", {})},
+            "warnings": info.get("warnings", []),
         })
 
     @app.post(

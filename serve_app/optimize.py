@@ -21,9 +21,11 @@ All of them keep diffusers' pipeline and only swap modules or attention processo
 * ``tiny_vae``: opt-in: decode with AutoencoderTiny loaded from a local directory (a speed
   versus quality trade, off by default).
 
-The packed ops are oneDNN kernels of the same arithmetic (bf16 inputs, fp32 accumulation),
-so images match eager bf16 within the tolerance measured in BENCHMARKS.md and asserted in
-tests/optimize.
+The packed ops are oneDNN kernels of the same arithmetic (bf16 or fp32 inputs, fp32
+accumulation), so images match eager at the same dtype within the tolerance measured in
+BENCHMARKS.md and asserted in tests/optimize. oneDNN's bf16 kernels need AVX-512 (or
+avx_ne_convert): on other CPUs a bf16 pipeline skips the oneDNN levers, with the reason
+reported; a float32 pipeline (model.dtype auto there) has them on every x86 CPU.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve_app import cpu
 from serve_app.config import OptimizationConfig
 
 logger = logging.getLogger(__name__)
@@ -51,10 +55,17 @@ def mkldnn_available() -> bool:
                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def onednn_bf16_supported(caps: cpu.CpuCapabilities | None = None) -> bool:
+    """oneDNN's bf16 kernels run here: both this CPU (as detected, or capped by
+    SDXL_SERVE_CPU_CLASS) and torch's own check agree."""
+    caps = cpu.host() if caps is None else caps
+    return caps.onednn_bf16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _packable(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return False
-    return weight.dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype != torch.bfloat16 or onednn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
@@ -356,14 +367,40 @@ def load_tiny_vae(path: str, dtype: torch.dtype) -> nn.Module:
     return AutoencoderTiny.from_pretrained(path, torch_dtype=dtype).eval().requires_grad_(False)
 
 
+@dataclass
+class LeverReport:
+    """What optimize_pipeline did: levers applied, in order, and those switched on but not
+    applied, with the reason (logged at start-up, reported by /readyz)."""
+
+    applied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+# Levers that run oneDNN's packed kernels.
+ONEDNN_LEVERS = ("fuse_geglu", "prepack_linear", "prepack_conv")
+
+
+def _onednn_unusable(pipe: Any) -> str | None:
+    """Why the oneDNN levers cannot run on this pipeline, or None when they can."""
+    if not mkldnn_available():
+        return "oneDNN (mkldnn) ops unavailable in this torch build"
+    unet = getattr(pipe, "unet", None)
+    dtype = getattr(unet, "dtype", None)
+    if dtype == torch.bfloat16 and not onednn_bf16_supported():
+        return (f"oneDNN bf16 kernels need avx512bw/vl/dq or avx_ne_convert; CPU is "
+                f"{cpu.host().describe()} (float32 has them everywhere: model.dtype auto)")
+    return None
+
+
 def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
-                      backend: str = "torch") -> list[str]:
-    """Apply the switched-on levers to a CPU pipeline in place; returns what was applied.
+                      backend: str = "torch") -> LeverReport:
+    """Apply the switched-on levers to a CPU pipeline in place.
 
     With backend "ipex", IPEX prepacks and fuses the weights itself (ipex.optimize after
     this), so only channels_last, the tiny VAE and the prompt cache are applied here.
     """
-    applied: list[str] = []
+    report = LeverReport()
+    applied = report.applied
     if backend == "ipex":
         options = options.model_copy(update={"prepack_linear": False, "prepack_conv": False,
                                              "fuse_geglu": False, "fuse_attention": False,
@@ -372,18 +409,22 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
     if tiny_vae:
         pipe.vae = load_tiny_vae(tiny_vae, pipe.unet.dtype)
         applied.append("tiny_vae")
-    mkldnn = mkldnn_available()
-    wants_mkldnn = (options.prepack_linear or options.prepack_conv or options.fuse_geglu)
-    if wants_mkldnn and not mkldnn:
-        logger.warning("oneDNN (mkldnn) ops unavailable: skipping prepacked weights")
+    blocked = _onednn_unusable(pipe)
+    if blocked is not None:
+        for name in ONEDNN_LEVERS:
+            if getattr(options, name):
+                report.skipped[name] = blocked
+        if report.skipped:
+            logger.warning("skipping %s: %s", ", ".join(report.skipped), blocked)
+    onednn = blocked is None
     cache_kv = getattr(options, "cross_attention_kv_cache", False)
     if (options.fuse_attention or cache_kv) and getattr(pipe, "unet", None) is not None:
         if fuse_attention(pipe.unet, fuse_qkv=options.fuse_attention, cache_cross_kv=cache_kv):
             applied.extend(name for name, on in (("fuse_attention", options.fuse_attention),
                                                  ("cross_attention_kv_cache", cache_kv)) if on)
-    if options.fuse_geglu and mkldnn and fuse_geglus(pipe.unet):
+    if options.fuse_geglu and onednn and fuse_geglus(pipe.unet):
         applied.append("fuse_geglu")
-    if options.prepack_linear and mkldnn:
+    if options.prepack_linear and onednn:
         count = sum(prepack_linears(getattr(pipe, name)) for name in COMPONENTS
                     if getattr(pipe, name, None) is not None)
         if count:
@@ -392,7 +433,7 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
         for name in ("unet", "vae"):
             getattr(pipe, name).to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if options.prepack_conv and mkldnn:
+    if options.prepack_conv and onednn:
         count = sum(prepack_convs(getattr(pipe, name)) for name in ("unet", "vae"))
         if count:
             applied.append("prepack_conv")
@@ -400,4 +441,4 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
             getattr(pipe, "encode_prompt", None), PromptEmbeddingCache):
         pipe.encode_prompt = PromptEmbeddingCache(pipe.encode_prompt, options.prompt_cache_size)
         applied.append("prompt_cache")
-    return applied
+    return report

@@ -1,4 +1,4 @@
-"""The real generator: SDXL-Turbo through diffusers, bfloat16 on CPU (float16 on CUDA)."""
+"""The real generator: SDXL-Turbo through diffusers; the dtype follows the CPU (serve_app.cpu)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from serve_app import cpu
 from serve_app.backend import apply_ipex, select_backend
 from serve_app.batching import GenerationItem, flatten_group, split_images
 from serve_app.config import AppConfig, parse_size
@@ -67,14 +68,12 @@ class DiffusersGenerator:
             logger.info("warm-up %s: %.2fs", size, time.perf_counter() - start)
 
 
-def device_and_dtype(num_gpus: float, dtype: str) -> tuple[str, str]:
-    """A replica given a GPU runs on CUDA in float16 (the configured bfloat16 is the CPU
-    dtype); on CPU, float16 is refused: it is ~1000x slower there than bfloat16."""
-    if num_gpus > 0:
-        return "cuda", "float16" if dtype == "bfloat16" else dtype
-    if dtype == "float16":
-        raise ValueError("float16 on CPU is ~1000x slower than bfloat16: use bfloat16")
-    return "cpu", dtype
+def device_and_dtype(num_gpus: float, requested: str,
+                     caps: cpu.CpuCapabilities | None = None) -> tuple[str, cpu.DtypeChoice]:
+    """A replica given a GPU runs on CUDA (float16 for `auto`); on CPU the dtype follows
+    the CPU's bf16 support (serve_app.cpu.choose_dtype), and float16 is refused."""
+    device = "cuda" if num_gpus > 0 else "cpu"
+    return device, cpu.choose_dtype(requested, device, cpu.host() if caps is None else caps)
 
 
 def load_generator(config: AppConfig) -> DiffusersGenerator:
@@ -83,8 +82,12 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     model_cfg = config.model
     # Threads follow the replica's CPU count, not the host's core count.
     torch.set_num_threads(config.replica.num_cpus)
-    device, dtype_name = device_and_dtype(config.replica.num_gpus, model_cfg.dtype)
-    dtype = DTYPES[dtype_name]
+    device, choice = device_and_dtype(config.replica.num_gpus, model_cfg.dtype)
+    dtype_name, dtype = choice.name, DTYPES[choice.name]
+    warnings = [choice.warning] if choice.warning else []
+    if choice.warning:
+        logger.warning("%s", choice.warning)
+    logger.info("dtype %s (%s)", dtype_name, choice.reason)
 
     started = time.perf_counter()
     model_dir = resolve_model_dir(model_cfg.source, model_cfg.revision, model_cfg.cache_dir)
@@ -101,21 +104,26 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     if device == "cpu":
         from serve_app.optimize import optimize_pipeline
 
-        applied = optimize_pipeline(pipe, model_cfg.optimization, backend=backend.name)
+        report = optimize_pipeline(pipe, model_cfg.optimization, backend=backend.name)
+        applied, skipped = report.applied, report.skipped
     else:
-        applied = []
+        applied, skipped = [], {}
     apply_ipex(backend, pipe, dtype)
-    logger.info("backend %s (%s), optimisations %s, in %.2fs", backend.name, backend.reason,
-                applied, time.perf_counter() - stage)
+    logger.info("backend %s (%s), optimisations %s, skipped %s, in %.2fs", backend.name,
+                backend.reason, applied, skipped, time.perf_counter() - stage)
 
     info = {
         "model": model_cfg.source,
         "backend": backend.name,
         "backend_reason": backend.reason,
         "dtype": dtype_name,
+        "dtype_reason": choice.reason,
+        "cpu": cpu.host().describe() if device == "cpu" else None,
         "device": device,
         "threads": torch.get_num_threads(),
         "optimizations": applied,
+        "optimizations_skipped": skipped,
+        "warnings": warnings,
     }
     generator = DiffusersGenerator(pipe, device=device, dtype=dtype, info=info)
     stage = time.perf_counter()

@@ -45,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdxl-turbo-bench",
         description="Time SDXL-Turbo generation in-process (eager vs optimised), or load a "
                     "running service over HTTP with --url.")
-    parser.add_argument("--bf16", action="store_true", default=True,
-                        help="bfloat16 (the default; kept for the reference tool's flags)")
-    parser.add_argument("--fp32", dest="bf16", action="store_false", help="float32 instead")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto (default): what the service picks on this CPU, bfloat16 "
+                             "with native bf16 (amx_bf16, avx512_bf16), float32 otherwise")
+    parser.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16",
+                        help="same as --dtype bfloat16 (the reference tool's flag)")
+    parser.add_argument("--fp32", dest="dtype", action="store_const", const="float32",
+                        help="same as --dtype float32")
     parser.add_argument("--batch", type=int, default=1, help="images per pipeline call")
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
@@ -173,7 +177,7 @@ def run_load_mode(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_sweep_mode(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
-    from serve_app.bench.direct import format_sweep, run_sweep
+    from serve_app.bench.direct import format_sweep, resolve_dtype, run_sweep
 
     if args.compare or args.interleave:
         raise SystemExit("sweeps run one backend; drop --compare/--interleave")
@@ -184,7 +188,7 @@ def run_sweep_mode(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
         steps_list=args.sweep_steps or [args.step], batches=args.sweep_batches or [],
         base_width=args.width, base_height=args.height, base_steps=args.step,
         base_batch=args.batch, repeat=args.repeat, prompt=args.prompt, seed=args.seed,
-        warmup=args.warmup, dtype_name="bfloat16" if args.bf16 else "float32",
+        warmup=args.warmup, dtype_name=resolve_dtype(args.dtype),
         options=optimization_options(args), progress=progress, latency_grid=latency_grid)
     result["mode"] = "sweep"
     result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
@@ -193,7 +197,12 @@ def run_sweep_mode(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
 
 
 def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
-    from serve_app.bench.direct import format_direct, run_direct, run_interleaved
+    from serve_app.bench.direct import (
+        format_direct,
+        resolve_dtype,
+        run_direct,
+        run_interleaved,
+    )
     from serve_app.bench.progress import progress_enabled
 
     if args.sweep_concurrency:
@@ -211,7 +220,7 @@ def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
     common = dict(
         model=args.model, repeat=args.repeat, batch=args.batch, steps=args.step,
         height=args.height, width=args.width, prompt=args.prompt, seed=args.seed,
-        warmup=args.warmup, dtype_name="bfloat16" if args.bf16 else "float32",
+        warmup=args.warmup, dtype_name=resolve_dtype(args.dtype),
         options=optimization_options(args), progress=progress)
     if args.interleave:
         if backends != ["eager", "optimized"]:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch import nn
 
-    from serve_app.bench.direct import load_pipeline
+    from serve_app.bench.direct import load_pipeline, resolve_dtype
     from serve_app.config import OptimizationConfig
     from serve_app.optimize import optimize_pipeline
 
@@ -37,15 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
 
-    pipe, label = load_pipeline(args.model, torch.bfloat16)
+    dtype = getattr(torch, resolve_dtype("auto"))  # what the service picks here
+    pipe, label = load_pipeline(args.model, dtype)
     size = args.size
     with torch.inference_mode():
         embeds, _, pooled, _ = pipe.encode_prompt("a cat", device="cpu",
                                                   do_classifier_free_guidance=False)
     latents = torch.randn(1, 4, size // 8, size // 8,
-                          generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+                          generator=torch.Generator().manual_seed(0)).to(dtype)
     added = {"text_embeds": pooled,
-             "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.bfloat16)}
+             "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype)}
     unet = pipe.unet
     del pipe
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from serve_app import cpu
 from serve_app.bench.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -217,11 +218,19 @@ def environment() -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_class": cpu.host().describe(),
+        "cpu_flags": " ".join(sorted(cpu.host().flags)),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }
+
+
+def resolve_dtype(name: str) -> str:
+    """`auto` -> the dtype the service picks on this CPU (bfloat16 where native, else
+    float32); explicit names pass through."""
+    return cpu.choose_dtype(name, "cpu", cpu.host()).name
 
 
 def load_instrumented(model: str, dtype_name: str) -> tuple[Any, str, float, StageTimer]:
@@ -265,7 +274,8 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
                 raise ValueError("eager must run before optimized (optimisation is in place)")
         elif backend == "optimized":
             stage = time.perf_counter()
-            entry["applied"] = optimize_pipeline(pipe, options or OptimizationConfig())
+            report = optimize_pipeline(pipe, options or OptimizationConfig())
+            entry["applied"], entry["skipped"] = report.applied, report.skipped
             entry["optimize_s"] = time.perf_counter() - stage
             instrument(pipe, timer, encode=False)
             optimized = True
@@ -315,7 +325,8 @@ def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: 
     load_s = time.perf_counter() - started
     optimized = copy.deepcopy(eager)
     stage = time.perf_counter()
-    applied = optimize_pipeline(optimized, options or OptimizationConfig())
+    report = optimize_pipeline(optimized, options or OptimizationConfig())
+    applied = report.applied
     optimize_s = time.perf_counter() - stage
     pipes = {"eager": eager, "optimized": optimized}
     timers = {name: StageTimer() for name in pipes}
@@ -352,7 +363,7 @@ def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: 
     for entry in result["backends"].values():
         entry["speedup_vs_eager"] = base / entry["median"]["total_s"]
     opt = result["backends"]["optimized"]
-    opt.update(applied=applied, optimize_s=optimize_s, pair_speedups=ratios,
+    opt.update(applied=applied, skipped=report.skipped, optimize_s=optimize_s, pair_speedups=ratios,
                median_pair_speedup=statistics.median(ratios),
                image_diff_vs_eager=image_difference(images["eager"], images["optimized"]))
     return result
@@ -385,6 +396,8 @@ def format_direct(result: dict[str, Any]) -> str:
             f"{diff.get('mean_abs', 0.0):>8.3f} {diff.get('max_abs', 0):>7}")
         if entry.get("applied"):
             lines.append(f"{'':<10} applied: {', '.join(entry['applied'])}")
+        for lever, why in (entry.get("skipped") or {}).items():
+            lines.append(f"{'':<10} skipped: {lever} ({why})")
         if entry.get("pair_speedups"):
             pairs = ", ".join(f"{r:.2f}x" for r in entry["pair_speedups"])
             lines.append(f"{'':<10} interleaved pairs: {pairs} "
@@ -428,7 +441,8 @@ def run_sweep(*, model: str, backend: str, sizes: list[tuple[int, int]], steps_l
     }
     if backend == "optimized":
         stage = time.perf_counter()
-        result["applied"] = optimize_pipeline(pipe, options or OptimizationConfig())
+        report = optimize_pipeline(pipe, options or OptimizationConfig())
+        result["applied"], result["skipped"] = report.applied, report.skipped
         result["optimize_s"] = time.perf_counter() - stage
         instrument(pipe, timer, encode=False)
     common = dict(repeat=repeat, prompt=prompt, seed=seed, warmup=warmup, timer=timer,

@@ -33,7 +33,7 @@ def _time(fn: Any, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from serve_app.bench.direct import environment, load_pipeline
+    from serve_app.bench.direct import environment, load_pipeline, resolve_dtype
     from serve_app.config import OptimizationConfig
     from serve_app.optimize import optimize_pipeline
 
@@ -45,15 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
 
-    pipe, label = load_pipeline(args.model, torch.bfloat16)
+    dtype = getattr(torch, resolve_dtype("auto"))  # what the service picks here
+    pipe, label = load_pipeline(args.model, dtype)
     h, w = args.height // 8, args.width // 8
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, h, w, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+    latents = torch.randn(1, 4, h, w, generator=gen, dtype=torch.float32).to(dtype)
     with torch.inference_mode():
         embeds, _, pooled, _ = pipe.encode_prompt("a photo of a cat", device="cpu",
                                                   do_classifier_free_guidance=False)
     time_ids = torch.tensor([[args.height, args.width, 0, 0, args.height, args.width]],
-                            dtype=torch.bfloat16)
+                            dtype=dtype)
     added = {"text_embeds": pooled, "time_ids": time_ids}
     scale = pipe.vae.config.scaling_factor
 

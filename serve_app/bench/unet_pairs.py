@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch import nn
 
+    from serve_app.bench.direct import resolve_dtype
     from serve_app.config import OptimizationConfig
     from serve_app.full_model import build_full_pipeline
     from serve_app.optimize import optimize_pipeline
@@ -26,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     size = args.size
-    pipe = build_full_pipeline()
+    dtype = getattr(torch, resolve_dtype("auto"))  # what the service picks here
+    pipe = build_full_pipeline(dtype)
     with torch.inference_mode():
         embeds, _, pooled, _ = pipe.encode_prompt("a cat", device="cpu",
                                                   do_classifier_free_guidance=False)
-    latents = torch.randn(1, 4, size // 8, size // 8).to(torch.bfloat16)
+    latents = torch.randn(1, 4, size // 8, size // 8).to(dtype)
     added = {"text_embeds": pooled,
-             "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.bfloat16)}
+             "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype)}
     eager = pipe.unet
     del pipe
     holder = SimpleNamespace(unet=copy.deepcopy(eager), vae=nn.Identity(), text_encoder=None,

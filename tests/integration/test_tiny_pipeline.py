@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app import cpu
 from serve_app.bench.load import parse_server_timing
 from tests.integration.conftest import REFERENCE_PROMPT, post
 
@@ -138,7 +139,15 @@ def test_mixed_shapes_in_one_batch_run_as_separate_pipeline_calls(tiny_app):
 def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
     response = httpx.get(f"{tiny_app}/readyz", timeout=30)
     assert response.status_code == 200
+    # The replica runs on this host, so it sees the CPU the test sees (and the same cap).
+    caps = cpu.host()
+    choice = cpu.choose_dtype("auto", "cpu", caps)
+    assert choice.name == ("bfloat16" if caps.native_bf16 else "float32")
     assert response.json() == {
         "status": "ready", "busy": False, "model": "embedded:tiny-sdxl", "backend": "torch",
-        "dtype": "bfloat16", "device": "cpu", "threads": 2, "tee": None}
+        "dtype": choice.name, "dtypeReason": choice.reason, "cpu": caps.describe(),
+        "device": "cpu", "threads": 2, "tee": None, "warnings": [],
+        "optimizations": {"applied": ["fuse_attention", "cross_attention_kv_cache",
+                                      "fuse_geglu", "prepack_linear", "channels_last",
+                                      "prepack_conv", "prompt_cache"], "skipped": {}}}
     assert httpx.get(f"{tiny_app}/healthz").json() == {"status": "ok"}

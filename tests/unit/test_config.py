@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 def test_defaults_are_the_local_quick_start():
     config = AppConfig()
     assert config.model.source == "embedded:tiny-sdxl"
-    assert config.model.dtype == "bfloat16"
+    assert config.model.dtype == "auto"
     assert config.store.url == "/tmp/sd"
     assert config.batching.batch_wait_timeout_s == 0.0
     assert config.model_max_ongoing_requests == config.batching.max_batch_size == 4
