@@ -4,7 +4,11 @@ No image is built here (no container engine in CI); these are static checks."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +17,7 @@ from tests.kuberay.manifests import REPO, pod_templates, rayservice
 tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+CHECK_IMAGE = REPO / "docker" / "check_image.py"
 
 
 def _dependency_pin(requirements: list[str], name: str) -> str:
@@ -27,18 +32,92 @@ def test_base_image_matches_the_ray_pin() -> None:
     assert re.findall(r"(?m)^ARG RAY_IMAGE=(\S+)$", text) == [
         f"rayproject/ray:{ray_version}-py311-cpu"]
     assert ray_version == "2.60.0"
-    assert f"assert ray.__version__ == '{ray_version}'" in text
+    # The build checks the installed Ray against the same pin (check_image.pins, tested below).
 
 
-def test_torch_comes_from_the_cpu_extra() -> None:
+def instructions(text: str) -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined."""
+    out, pending = [], ""
+    for line in text.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        keyword, _, args = (pending + line).strip().partition(" ")
+        out.append((keyword.upper(), args.strip()))
+        pending = ""
+    return out
+
+
+def run_commands(text: str) -> list[list[str]]:
+    """Every shell command of every RUN (split on &&), as argv lists, in order."""
+    return [shlex.split(command) for keyword, args in instructions(text) if keyword == "RUN"
+            for command in args.split("&&")]
+
+
+def test_torch_is_the_cpu_build_from_pytorchs_index_before_the_project() -> None:
     text = DOCKERFILE.read_text()
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     torch_version = _dependency_pin(extras["cpu"], "torch")
-    assert 'RUN pip install ".[cpu,s3]"' in text
-    assert f"== '{torch_version}'" in text
-    assert "torch.version.cuda is None" in text
+    pips = [argv for argv in run_commands(text) if argv[:2] == ["pip", "install"]]
+    # On the public index torch==2.13.0 for Linux x86_64 is the CUDA build: torch must come
+    # from PyTorch's CPU index, as the only index (an extra index lets pip pick PyPI's CUDA
+    # wheel), before the project, whose `cpu` extra then finds the pin satisfied.
+    assert pips == [
+        ["pip", "install", "--index-url", "https://download.pytorch.org/whl/cpu",
+         f"torch=={torch_version}"],
+        ["pip", "install", ".[cpu,s3]"],
+    ]
+    assert not [a for argv in run_commands(text) for a in argv if "extra-index-url" in a]
     assert "latest" not in text
+
+
+def test_build_fails_unless_the_installed_torch_is_a_cpu_build() -> None:
+    text = DOCKERFILE.read_text()
+    assert ("COPY", "--chown=1000:100 docker/check_image.py ./docker/check_image.py") in (
+        instructions(text))
+    commands = run_commands(text)
+    check = ["python", "docker/check_image.py", "pyproject.toml"]
+    assert commands.count(check) == 1
+    assert commands.index(check) > commands.index(["pip", "install", ".[cpu,s3]"])
+    # Same RUN as the installs: the layer (and the build) fails with the check.
+    (run,) = [args for keyword, args in instructions(text)
+              if keyword == "RUN" and "check_image.py" in args]
+    assert run.startswith("pip install --index-url")
+
+
+def _check_image_module():
+    spec = importlib.util.spec_from_file_location("check_image", CHECK_IMAGE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_check_rejects_cuda_torch_and_wrong_pins() -> None:
+    check = _check_image_module()
+    pins = check.pins((REPO / "pyproject.toml").read_text())
+    assert pins == {"ray": "2.60.0", "torch": "2.13.0"}
+    cpu = {"ray": "2.60.0", "torch": "2.13.0+cpu", "numpy": "2.3.0"}
+    assert check.problems(pins, cpu, None) == []
+    # What PyPI's torch==2.13.0 installs on Linux x86_64.
+    cuda = {"ray": "2.60.0", "torch": "2.13.0", "nvidia-cublas-cu12": "12.8.4.1",
+            "cuda-toolkit": "12.8.1"}
+    assert check.problems(pins, cuda, "12.8") == [
+        "torch is a CUDA build (torch.version.cuda == '12.8')",
+        "CUDA wheels installed: cuda-toolkit, nvidia-cublas-cu12",
+    ]
+    assert check.problems(pins, {"ray": "2.59.0"}, None) == [
+        "ray 2.59.0 installed, 2.60.0 pinned", "torch None installed, 2.13.0 pinned"]
+
+
+def test_image_check_passes_on_this_environment() -> None:
+    """The development venv has the CPU torch: the build's check must pass on it."""
+    result = subprocess.run([sys.executable, str(CHECK_IMAGE), str(REPO / "pyproject.toml")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("image check: ray 2.60.0, torch 2.13.0")
 
 
 def test_two_targets_non_root_and_weights_where_the_config_points() -> None:
