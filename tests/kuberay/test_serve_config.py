@@ -4,9 +4,13 @@ Ray resources and the replica config agree; node-pool placement per overlay."""
 from __future__ import annotations
 
 import copy
+import json
+import shlex
 
+import click
 import pytest
 import yaml
+from ray.scripts.scripts import start as ray_start_command
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import model_deployment_options
@@ -72,17 +76,42 @@ def test_tdx_serve_config_is_production_yaml_plus_require_tee() -> None:
     assert serve_config(rayservice("overlays/tdx")) == expected
 
 
+def kuberay_resources(value: str) -> dict:
+    """KubeRay 1.7's reading of rayStartParams.resources (getResourcesMap, common/pod.go):
+    strings.Trim(value, "'\"` ") then JSON. It runs for every worker pod it builds; a value
+    it can't parse is logged as an error each time."""
+    return json.loads(value.strip("'\"` "))
+
+
+def ray_start_resources(value: str) -> dict:
+    """Ray's reading: KubeRay writes `--resources=<value>` into the `ray start` line that bash
+    runs; `ray start` parses the option with parse_resources_json (JSON)."""
+    argv = shlex.split(f"ray start --resources={value} --block")
+    context = ray_start_command.make_context("start", argv[2:])
+    return json.loads(context.params["resources"])
+
+
 @pytest.mark.parametrize("name", ("base",) + OVERLAYS)
 def test_only_ingress_pods_offer_the_ingress_resource(name: str) -> None:
-    import json
-
     spec = rayservice(name)["spec"]["rayClusterConfig"]
-    offered = {
-        group["groupName"]: json.loads(json.loads(group["rayStartParams"]["resources"]))
-        for group in spec["workerGroupSpecs"] if "resources" in group["rayStartParams"]
-    }
-    assert offered == {"ingress": {"ingress": 1000}}
+    values = {group["groupName"]: group["rayStartParams"]["resources"]
+              for group in spec["workerGroupSpecs"] if "resources" in group["rayStartParams"]}
+    assert list(values) == ["ingress"]
+    # Both the operator and Ray must parse it, to the same resources.
+    assert kuberay_resources(values["ingress"]) == {"ingress": 1000}
+    assert ray_start_resources(values["ingress"]) == {"ingress": 1000}
     assert "resources" not in spec["headGroupSpec"]["rayStartParams"]
+
+
+def test_resource_parsers_reject_what_their_programs_reject() -> None:
+    # The form this repo used before: Ray reads it, KubeRay does not.
+    legacy = '"{\\"ingress\\": 1000}"'
+    assert ray_start_resources(legacy) == {"ingress": 1000}
+    with pytest.raises(json.JSONDecodeError):
+        kuberay_resources(legacy)
+    # Unquoted JSON: bash splits it at the space.
+    with pytest.raises(click.UsageError, match="unexpected extra argument"):
+        ray_start_resources('{"ingress": 1000}')
 
 
 # --- Ray's schema and the app's own config ---------------------------------------------------
