@@ -1,0 +1,47 @@
+"""What a real ACK rollout needs beyond the schema: fields KubeRay 1.7 actually reads, a head
+that survives a restart, disruption budgets and spreading, graceful draining, image pulls
+and the weights volume. Sources: KubeRay v1.7.0 (ray-operator/), Ray 2.60.0 (the installed
+package), the Alibaba Cloud CSI driver (pkg/oss)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.kuberay.manifests import OVERLAYS, rayservice
+
+# rayservice_types.go at v1.7.0: "Deprecated: This field is not used anymore" (kuberay#1685).
+KUBERAY_1_7_UNUSED = {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}
+INITIALIZING_TIMEOUT = "ray.io/initializing-timeout"
+
+
+def go_duration_seconds(text: str) -> float:
+    """What KubeRay's getInitializingTimeout accepts: a Go duration (h, m, s parts) or an
+    integer number of seconds."""
+    if re.fullmatch(r"[0-9]+", text):
+        return float(text)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+# --- fields KubeRay 1.7 reads -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_no_field_kuberay_1_7_ignores(name: str) -> None:
+    assert KUBERAY_1_7_UNUSED.isdisjoint(rayservice(name)["spec"])
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_first_start_is_bounded_by_the_initializing_timeout(name: str) -> None:
+    annotations = rayservice(name)["metadata"]["annotations"]
+    assert annotations == {INITIALIZING_TIMEOUT: "30m"}
+    assert go_duration_seconds(annotations[INITIALIZING_TIMEOUT]) == 1800
+
+
+def test_go_duration_parser() -> None:
+    assert go_duration_seconds("900") == 900
+    assert go_duration_seconds("1h30m") == 5400
+    with pytest.raises(AssertionError):
+        go_duration_seconds("30 minutes")
