@@ -45,3 +45,24 @@ def test_go_duration_parser() -> None:
     assert go_duration_seconds("1h30m") == 5400
     with pytest.raises(AssertionError):
         go_duration_seconds("30 minutes")
+
+
+# --- the head is not a single point of failure ---------------------------------------------
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_gcs_fault_tolerance_with_an_external_redis(name: str) -> None:
+    cluster = rayservice(name)["spec"]["rayClusterConfig"]
+    assert cluster["gcsFaultToleranceOptions"] == {
+        "redisAddress": "r-xxxxxxxxxxxxxxxxxx.redis.rds.aliyuncs.com:6379",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {
+            "name": "sdxl-turbo-redis", "key": "password"}}},
+    }
+    # What KubeRay 1.7's ValidateRayClusterSpec rejects next to gcsFaultToleranceOptions
+    # (utils/validation.go), and the legacy annotation it refuses to combine with them.
+    head = cluster["headGroupSpec"]
+    env = {e["name"] for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    assert env.isdisjoint({"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME"})
+    assert {"redis-password", "redis-username"}.isdisjoint(head["rayStartParams"])
+    assert "ray.io/ft-enabled" not in rayservice(name)["metadata"].get("annotations", {})
+    assert "ray.io/external-storage-namespace" not in rayservice(name)["metadata"].get(
+        "annotations", {})
