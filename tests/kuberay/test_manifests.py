@@ -31,7 +31,7 @@ from tests.kuberay.manifests import (
 
 def test_every_yaml_file_parses() -> None:
     files = all_yaml_files()
-    assert len(files) == 10
+    assert len(files) == 11
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs, path
@@ -42,11 +42,13 @@ def test_every_yaml_file_parses() -> None:
 @pytest.mark.parametrize("name", BUILDS)
 def test_build_parses(name: str) -> None:
     kinds = sorted(o["kind"] for o in build(name))
+    budgets = ["PodDisruptionBudget"] * 3
     expected = {
-        "base": ["RayService"],
-        "overlays/g8i": ["RayService"],
-        "overlays/tdx": ["RayService"],
-        "overlays/g8i-lite": ["PersistentVolume", "PersistentVolumeClaim", "RayService"],
+        "base": budgets + ["RayService"],
+        "overlays/g8i": budgets + ["RayService"],
+        "overlays/tdx": budgets + ["RayService"],
+        "overlays/g8i-lite": ["PersistentVolume", "PersistentVolumeClaim"] + budgets + [
+            "RayService"],
         "storage": ["PersistentVolume", "PersistentVolumeClaim"],
     }[name]
     assert kinds == expected
@@ -86,7 +88,7 @@ def test_tdx_label_is_overridable_by_a_further_overlay(tmp_path) -> None:
         + "\n".join("    " + line for line in ops.splitlines()) + "\n"
     )
     objects = kubectl_build(tmp_path) if KUBECTL else kustomize_lite.render(tmp_path)
-    (service,) = objects
+    (service,) = [o for o in objects if o["kind"] == "RayService"]
     selectors = [t["spec"]["nodeSelector"] for t in pod_templates(service).values()]
     assert selectors == [{"nodepool-label": "my-tdx-pool"}] * 3
 
