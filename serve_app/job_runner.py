@@ -22,6 +22,7 @@ from serve_app.jobs import (
     is_stale,
     key_name,
     load,
+    lost_record,
     post_callback,
     record_name,
     step_record_name,
@@ -81,9 +82,18 @@ class JobRunner:
 
     async def _load_job(self, job_id: str) -> JobRecord:
         try:
-            return load(await asyncio.to_thread(self.store.get_record, record_name(job_id)))
+            data = await asyncio.to_thread(self.store.get_record, record_name(job_id))
         except NotFound:
             raise NotFound("job not found") from None
+        try:
+            return load(data)
+        except ValidationError:
+            # Records are replaced whole, so this is damage from outside (a writer on a
+            # store without atomic replace, killed mid-write): the request is unreadable
+            # and cannot run again. Say so, rather than 500 on every poll forever.
+            logger.warning("job %s: record unreadable (%d bytes); reported as failed", job_id,
+                           len(data))
+            return lost_record(job_id)
 
     async def _save_job(self, record: JobRecord) -> None:
         record.updatedAt = time.time()

@@ -85,6 +85,15 @@ def load(data: bytes) -> JobRecord:
     return JobRecord.model_validate_json(data)
 
 
+def lost_record(job_id: str) -> JobRecord:
+    """What a job whose record cannot be read reports: failed, with a clear error."""
+    return JobRecord(
+        id=job_id, status="failed", createdAt=0.0, updatedAt=0.0, request={}, seed=0,
+        progress=Progress(total=0),
+        error={"code": "job_lost", "message": "the job's record was damaged and it cannot "
+                                              "run again; submit it again"})
+
+
 def callback_host_allowed(host: str | None, allowed: list[str] | None) -> bool:
     """`allowed` None: any host. Otherwise exact names/IPs, or "*.example.com" for its
     subdomains (not example.com itself). Case-insensitive."""

@@ -22,6 +22,7 @@ from serve_app.config import AppConfig, BatchingConfig
 from serve_app.generator import ImageGenerator, load_factory
 from serve_app.jobs import step_record_name
 from serve_app.metrics import ModelMetrics
+from serve_app.step_progress import LatestValueWriter
 from serve_app.store import ImageStore
 from serve_app.tee import check_tee
 
@@ -47,8 +48,7 @@ class Text2ImageModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._pipeline_calls = 0
-        self._progress_store: ImageStore | None = None
-        self._progress_pool: ThreadPoolExecutor | None = None
+        self._progress: LatestValueWriter | None = None
         # Until Serve calls reconfigure() with the deployment's user_config.
         self._batching = self.config.batching
         self._metrics = ModelMetrics()
@@ -70,17 +70,16 @@ class Text2ImageModel:
         keyed = [m for m in members if m.progress_key]
         if not keyed:
             return None
-        if self._progress_store is None:
+        if self._progress is None:
             store = self.config.store
-            self._progress_store = ImageStore(store.url, store.storage_options)
-            self._progress_pool = ThreadPoolExecutor(max_workers=2,
-                                                     thread_name_prefix="progress")
-        progress_store = self._progress_store
+            self._progress = LatestValueWriter(
+                ImageStore(store.url, store.storage_options).put_record)
+        progress = self._progress
 
         def report(step: int) -> None:
             for member in keyed:
                 name = step_record_name(member.progress_key, member.call_index)
-                self._progress_pool.submit(progress_store.put_record, name, str(step).encode())
+                progress.submit(name, str(step).encode())
         return report
 
     def info(self) -> dict[str, Any]:

@@ -6,9 +6,12 @@ so that every ingress replica serves every image.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
 import re
+import tempfile
 import time
 from typing import Any
 
@@ -33,6 +36,25 @@ def image_name(call_index: int, image_index: int) -> str:
 
 def is_valid_key(image_id: str, name: str) -> bool:
     return bool(IMAGE_ID.match(image_id)) and bool(IMAGE_NAME.match(name))
+
+
+def _write_local_atomic(path: str, data: bytes, *, exclusive: bool = False) -> None:
+    """Readers see the old bytes or the new ones, never a partly written file: the data goes
+    to a temporary name in the same directory, then is renamed into place (or, when
+    `exclusive`, hard-linked, which raises FileExistsError if the name exists). A writer
+    killed midway leaves only its temporary file, which TTL cleanup removes."""
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -65,11 +87,17 @@ class ImageStore:
             raise NotFound("image not found")
         return f"{self.root}/{image_id}/{name}"
 
-    def put(self, image_id: str, name: str, data: bytes) -> None:
-        path = self._path(image_id, name)
+    def _write(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
+        """One atomic write. Local disk: temporary file and rename. Object stores: one PUT,
+        which replaces the object whole (with `If-None-Match: *` when exclusive)."""
         if self._local:
-            self.fs.makedirs(f"{self.root}/{image_id}", exist_ok=True)
-        self.fs.pipe_file(path, data)
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            _write_local_atomic(path, data, exclusive=exclusive)
+        else:
+            self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
+
+    def put(self, image_id: str, name: str, data: bytes) -> None:
+        self._write(self._path(image_id, name), data)
 
     def get(self, image_id: str, name: str) -> bytes:
         path = self._path(image_id, name)
@@ -83,19 +111,17 @@ class ImageStore:
             raise NotFound("record not found")
         return f"{self.root}/{RECORDS_DIR}/{name}.json"
 
-    def put_record(self, name: str, data: bytes, *, mode: str = "overwrite") -> None:
+    def put_record(self, name: str, data: bytes) -> None:
         """Small JSON records (async jobs) beside the images, durable as the images are.
-        mode "create" raises FileExistsError if the record exists."""
-        if self._local:
-            self.fs.makedirs(f"{self.root}/{RECORDS_DIR}", exist_ok=True)
-        self.fs.pipe_file(self._record_path(name), data, mode=mode)
+        Replaced whole: a concurrent reader gets the old record or the new one."""
+        self._write(self._record_path(name), data)
 
     def create_record(self, name: str, data: bytes) -> bool:
         """Write only if absent; False when the record exists. Atomic on local disks and on
         S3 stores that honour `If-None-Match: *` (AWS S3, MinIO); a store that ignores the
         condition overwrites, as put_record does."""
         try:
-            self.put_record(name, data, mode="create")
+            self._write(self._record_path(name), data, exclusive=True)
         except FileExistsError:
             return False
         return True

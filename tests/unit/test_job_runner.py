@@ -79,3 +79,22 @@ def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
     assert asyncio.run(main()) == 0  # no lock left behind
     # a and b never overlap; c (another key) runs beside a.
     assert events == ["a in", "c in", "a out", "c out", "b in", "b out"]
+
+
+def test_a_damaged_record_reads_as_a_failed_job_and_is_never_resumed(tmp_path):
+    """An empty or truncated record (left by a writer killed mid-write on a store without
+    atomic replace) answers as a failed job with a clear error, not a 500 on every poll,
+    and the stale-job scan skips it instead of running a request it cannot read."""
+    from serve_app.store import ImageStore
+
+    runner = Runner()
+    runner.store = ImageStore(str(tmp_path))
+    for job_id, data in (("b" * 32, b""), ("c" * 32, b'{"id": "ccc", "status": "runn')):
+        runner.store.put_record(record_name(job_id), data)
+        record = asyncio.run(runner._load_job(job_id))
+        assert (record.id, record.status, record.error["code"]) == (job_id, "failed",
+                                                                     "job_lost")
+        assert record.error["message"] == ("the job's record was damaged and it cannot run "
+                                           "again; submit it again")
+    assert asyncio.run(runner._resume_stale_jobs()) == 0
+    assert runner._running_jobs == {}

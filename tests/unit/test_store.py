@@ -74,3 +74,66 @@ def test_create_record_writes_only_if_absent_and_delete_forgets(tmp_path):
     with pytest.raises(NotFound):
         store.get_record(KEY)
     assert store.create_record(KEY, b"third") is True
+
+
+def test_a_record_being_rewritten_is_never_read_partly_written(tmp_path):
+    """Records are replaced whole: a reader polling while a writer rewrites never sees an
+    empty or truncated record (a job status poll once answered 500 on one)."""
+    import threading
+
+    name = "job-" + "cd" * 16
+    store = ImageStore(str(tmp_path))
+    versions = [bytes([65 + i]) * 200_000 for i in range(4)]
+    store.put_record(name, versions[0])
+    stop = threading.Event()
+    seen: list[bytes] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(store.get_record(name))
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for i in range(300):
+            store.put_record(name, versions[i % 4])
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert len(seen) > 100
+    bad = [len(data) for data in seen if data not in versions]
+    assert bad == []
+    # No temporary files left behind by the writes.
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [f"{name}.json"]
+
+
+def test_create_record_never_exposes_an_empty_record(tmp_path):
+    """Only-if-absent creation links a complete file into place: the name never exists
+    empty, even for an instant (a crash there left a key record nobody could read)."""
+    import threading
+
+    key = "key-" + "ef" * 32
+    store = ImageStore(str(tmp_path))
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(store.get_record(key))
+            except NotFound:
+                pass
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(200):
+            assert store.create_record(key, b"x" * 100_000 + str(i).encode()) is True
+            assert store.create_record(key, b"loser") is False
+            store.delete_record(key)
+    finally:
+        stop.set()
+        reader.join()
+    assert all(len(data) > 100_000 for data in seen), sorted({len(d) for d in seen})[:5]
