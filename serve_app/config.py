@@ -7,7 +7,9 @@ deployment starts, so a typo fails `serve run` at once instead of inside a repli
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import tempfile
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +34,13 @@ def _is_ipv6(text: str) -> bool:
         return ipaddress.ip_address(text).version == 6
     except ValueError:
         return False
+
+
+def default_store_dir(app_name: str) -> str:
+    """`<tmp>/sdxl-turbo-serve-<uid>/<app_name>`: per user (a directory another user made in
+    /tmp is not writable) and per application."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"sdxl-turbo-serve-{uid}", app_name)
 
 
 class StrictModel(BaseModel):
@@ -144,7 +153,9 @@ class IngressConfig(StrictModel):
 class StoreConfig(StrictModel):
     # A local directory, or an fsspec URL (s3://bucket/prefix; oss:// through ossfs) that
     # every ingress replica reaches, so image URLs work whichever replica serves them.
-    url: str = "/tmp/sd"
+    # Unset: a directory of this application's own, default_store_dir(app_name), so two
+    # services on one machine never serve each other's images or take over their jobs.
+    url: str | None = None
     # Passed to fsspec (endpoint_url, region...). Credentials come from the environment.
     storage_options: dict[str, Any] = Field(default_factory=dict)
     ttl_s: float = Field(default=24 * 3600.0, gt=0)
@@ -217,7 +228,9 @@ class SecurityConfig(StrictModel):
 
 
 class AppConfig(StrictModel):
-    app_name: str = "sdxl-turbo"
+    # Names this service's default image store (store.url): two services on one machine
+    # with one app_name share it, and each takes over the other's stale jobs.
+    app_name: str = Field(default="sdxl-turbo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     model: ModelConfig = Field(default_factory=ModelConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
@@ -241,6 +254,8 @@ class AppConfig(StrictModel):
                 "model.dtype float16 needs a GPU (replica.num_gpus > 0); "
                 "on CPU use auto (bfloat16 or float32 by the CPU's bf16 support)"
             )
+        if self.store.url is None:
+            self.store.url = default_store_dir(self.app_name)
         for size in self.model.warmup_sizes:
             if size not in self.limits.allowed_sizes:
                 raise ValueError(f"model.warmup_sizes has {size!r}, not in limits.allowed_sizes")

@@ -35,11 +35,11 @@ from serve_app.errors import (
     NotFound,
     NotReady,
     Overloaded,
-    PayloadTooLarge,
     ServiceError,
     field_of,
     to_response,
 )
+from serve_app.head_requests import HeadAsGet
 from serve_app.imaging import encode_png, make_grid
 from serve_app.job_runner import JobRunner, KeyedLocks
 from serve_app.jobs import (
@@ -51,7 +51,8 @@ from serve_app.jobs import (
     record_name,
 )
 from serve_app.metrics import ingress_metrics, record_error
-from serve_app.request_parsing import MAX_BODY_BYTES, parse_request, plan_calls
+from serve_app.readiness import ReadinessProbe
+from serve_app.request_parsing import parse_request, plan_calls, read_body
 from serve_app.schemas import (
     Text2ImageRequest,
     Text2ImageResponse,
@@ -61,7 +62,8 @@ from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
 
-READY_PROBE_TIMEOUT_S = 3.0
+# The most a /readyz waits for a model replica (Kubernetes' probe timeout is 1 s).
+READY_PROBE_WAIT_S = 0.5
 # A call whose replica died is sent again (to a live replica): seeded generation is
 # idempotent, so the client gets its images instead of an error.
 REPLICA_LOST_RETRIES = 2
@@ -73,6 +75,7 @@ app = FastAPI(
     version="0.1.0",
     description="Text-to-image on CPU replicas; API compatible with stable-diffusion-ipex.",
 )
+app.add_middleware(HeadAsGet)
 
 
 def server_timing(timings: dict[str, float]) -> str:
@@ -138,7 +141,9 @@ class Ingress(JobRunner):
         self.model = model
         store_cfg = self.config.store
         self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
-        self._ready_info: dict[str, Any] | None = None
+        self._readiness = ReadinessProbe(self._model_info, busy_errors=(BackPressureError,),
+                                         wait_s=READY_PROBE_WAIT_S)
+        self._readiness.start()
         self._stop = threading.Event()
         self._cleaner = threading.Thread(target=self._cleanup_loop, name="store-cleanup",
                                          daemon=True)
@@ -147,6 +152,9 @@ class Ingress(JobRunner):
         self._idempotency_locks = KeyedLocks()
         # Jobs whose ingress died (records gone stale) are picked up by a live one.
         self._job_scanner = asyncio.get_running_loop().create_task(self._scan_jobs_forever())
+
+    async def _model_info(self) -> dict[str, Any]:
+        return await self.model.info.remote()
 
     def _cleanup_loop(self) -> None:
         cfg = self.config.store
@@ -178,21 +186,16 @@ class Ingress(JobRunner):
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        try:
-            info = await asyncio.wait_for(self.model.info.remote(), READY_PROBE_TIMEOUT_S)
-            self._ready_info = info
-            busy = False
-        except (asyncio.TimeoutError, BackPressureError):
-            # Replicas that answered before and are now busy generating are still ready.
-            if self._ready_info is None:
-                return to_response(NotReady("model is loading"))
-            info, busy = self._ready_info, True
-        except Exception as exc:
-            logger.warning("readiness probe failed: %s", type(exc).__name__)
-            return to_response(NotReady("model is not available"))
+        readiness = await self._readiness.check()
+        if readiness.state == "loading":
+            return self._not_ready("model is loading")
+        if readiness.state == "unavailable":
+            logger.warning("readiness probe failed: %s", readiness.detail)
+            return self._not_ready("model is not available")
+        info = readiness.info or {}
         return JSONResponse({
             "status": "ready",
-            "busy": busy,
+            "busy": readiness.state == "busy",
             "model": info.get("model"),
             "backend": info.get("backend"),
             "dtype": info.get("dtype"),
@@ -205,6 +208,11 @@ class Ingress(JobRunner):
                               "skipped": info.get("optimizations_skipped", {})},
             "warnings": info.get("warnings", []),
         })
+
+    @staticmethod
+    def _not_ready(message: str) -> JSONResponse:
+        record_error(NotReady.code)
+        return to_response(NotReady(message))
 
     @app.post(
         "/api/text2image",
@@ -225,10 +233,7 @@ class Ingress(JobRunner):
         return JSONResponse(response, headers={"Server-Timing": server_timing(timings)})
 
     async def _read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
-        return await request.body()
+        return await read_body(request.stream(), request.headers.get("content-length"))
 
     async def _generate(self, body: Text2ImageRequest, request_id: str, seed: int,
                         base_url: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
@@ -12,6 +13,21 @@ from serve_app.errors import InvalidRequest, PayloadTooLarge, field_of
 from serve_app.schemas import Text2ImageRequest
 
 MAX_BODY_BYTES = 64 * 1024
+
+
+async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
+                    limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit`: by the declared
+    Content-Length before reading anything, and for chunked bodies (no length declared)
+    while reading, so a 100 MB upload costs at most `limit` plus one chunk of memory."""
+    if declared_length and declared_length.isdigit() and int(declared_length) > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes", field="body")
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes", field="body")
+    return bytes(body)
 
 
 def parse_request(body: bytes, config: AppConfig,
@@ -28,6 +44,11 @@ def parse_request(body: bytes, config: AppConfig,
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc.msg}", field="body") from None
+    except RecursionError:
+        raise InvalidRequest("body is nested too deeply", field="body") from None
+    except ValueError as exc:
+        # Python's limit on digits in an integer (4300): a 5000-digit `seed` lands here.
+        raise InvalidRequest(f"body has a number out of range: {exc}", field="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object", field="body")
     try:

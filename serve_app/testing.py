@@ -17,7 +17,9 @@ FAIL_PROMPT = "__fail__"
 
 
 class FakeGenerator:
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, load_s: float = 0.0) -> None:
+        # load_s: how long "loading the model" takes, as a real replica's start-up does.
+        time.sleep(load_s)
         self.delay_s = delay_s
         self.info: dict[str, Any] = {
             "model": "fake", "backend": "fake", "dtype": "uint8", "device": "cpu",

@@ -1,3 +1,5 @@
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ def test_defaults_are_the_local_quick_start():
     config = AppConfig()
     assert config.model.source == "embedded:tiny-sdxl"
     assert config.model.dtype == "auto"
-    assert config.store.url == "/tmp/sd"
+    assert config.store.url == f"{tempfile.gettempdir()}/sdxl-turbo-serve-{os.getuid()}/sdxl-turbo"
     assert config.batching.batch_wait_timeout_s == 0.0
     assert config.model_max_ongoing_requests == config.batching.max_batch_size == 4
 
@@ -103,3 +105,22 @@ def test_every_config_file_validates(path):
             BatchingConfig.model_validate(deployment["user_config"])
         config = AppConfig.model_validate(application["args"])
         assert config.model_max_ongoing_requests >= config.batching.max_batch_size
+
+
+def test_the_default_image_store_is_per_application():
+    """Two services on one machine must not share images or take over each other's jobs:
+    the default directory is named by app_name (and the user)."""
+    one = AppConfig.model_validate({"app_name": "svc-one"})
+    two = AppConfig.model_validate({"app_name": "svc-two"})
+    assert one.store.url == f"{tempfile.gettempdir()}/sdxl-turbo-serve-{os.getuid()}/svc-one"
+    assert two.store.url == f"{tempfile.gettempdir()}/sdxl-turbo-serve-{os.getuid()}/svc-two"
+    # What replicas receive is the resolved directory, so every replica agrees on it.
+    assert AppConfig.model_validate(one.model_dump(mode="json")).store.url == one.store.url
+    assert AppConfig.model_validate({"store": {"url": "s3://b/p"}}).store.url == "s3://b/p"
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 64])
+def test_app_names_that_are_not_a_directory_name_are_refused(name):
+    with pytest.raises(ValidationError) as info:
+        AppConfig.model_validate({"app_name": name})
+    assert info.value.errors()[0]["loc"] == ("app_name",)

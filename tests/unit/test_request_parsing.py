@@ -77,3 +77,54 @@ def test_plan_calls_one_call_per_number():
     calls = plan_calls(request, seed=7)
     assert [(c.call_index, c.count, c.width, c.height, c.steps, c.seed) for c in calls] == [
         (0, 2, 1024, 1024, 2, 7), (1, 2, 1024, 1024, 2, 7), (2, 2, 1024, 1024, 2, 7)]
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "body is nested too deeply"),
+    (b'{"prompt": "p", "seed": ' + b"9" * 5000 + b"}", "body has a number out of range"),
+    (b'{"prompt": "p", "step": ' + b"1" * 5000 + b"}", "body has a number out of range"),
+])
+def test_pathological_json_is_a_422_on_the_body(raw, message):
+    """Bodies that once escaped as 500s: Python's recursion limit and its limit on the
+    digits of an integer."""
+    assert len(raw) < MAX_BODY_BYTES
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(raw, CONFIG)
+    assert (info.value.status_code, info.value.field) == (422, "body")
+    assert str(info.value).startswith(message)
+
+
+def _chunks(sizes, pulled):
+    async def gen():
+        for size in sizes:
+            pulled.append(size)
+            yield b"x" * size
+    return gen()
+
+
+def test_read_body_stops_a_chunked_body_at_the_limit():
+    import asyncio
+
+    from serve_app.request_parsing import read_body
+
+    pulled: list[int] = []
+    # 100 MB in 64 KiB chunks, no Content-Length (chunked transfer encoding).
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(_chunks([65536] * 1600, pulled), None))
+    assert len(pulled) == 2  # stopped at the chunk that crossed 64 KiB, not at 100 MB
+    pulled.clear()
+    assert asyncio.run(read_body(_chunks([1000, 24], pulled), None)) == b"x" * 1024
+    pulled.clear()
+    exact = asyncio.run(read_body(_chunks([MAX_BODY_BYTES], pulled), None))
+    assert len(exact) == MAX_BODY_BYTES
+
+
+def test_read_body_refuses_a_declared_length_before_reading():
+    import asyncio
+
+    from serve_app.request_parsing import read_body
+
+    pulled: list[int] = []
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(_chunks([10], pulled), str(MAX_BODY_BYTES + 1)))
+    assert pulled == []
