@@ -5,17 +5,33 @@ package), the Alibaba Cloud CSI driver (pkg/oss)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import resource
+import subprocess
+import sys
 
+import click
 import kubernetes_validate
 import pytest
+from ray.scripts.scripts import start as ray_start_command
+from ray.serve._private.constants import (
+    DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    PROXY_MIN_DRAINING_PERIOD_S,
+)
 
+from serve_app.app import ingress_deployment_options, model_deployment_options
+from serve_app.config import AppConfig
 from tests.kuberay.manifests import (
     BUILDS,
     KUBERNETES_VERSION,
     OVERLAYS,
+    app_args,
     build,
     pod_templates,
+    quantity_bytes,
+    quantity_cpus,
     rayservice,
 )
 
@@ -139,3 +155,142 @@ def test_ingress_and_model_pods_spread_over_nodes_and_zones(name: str) -> None:
         labels = templates[group]["metadata"]["labels"]
         for constraint in spread[group]:
             assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+# --- shutdown drains ---------------------------------------------------------------------
+
+DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"   # Ray 2.60: ray_constants, node.py
+OVERWRITE_COMMAND = "ray.io/overwrite-container-cmd"
+
+
+def _group_spec(service: dict, group: str) -> dict:
+    cluster = service["spec"]["rayClusterConfig"]
+    if group == "head":
+        return cluster["headGroupSpec"]
+    (spec,) = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == group]
+    return spec
+
+
+def kuberay_ray_start_line(service: dict, group: str) -> str:
+    """The `ray start` line KubeRay 1.7 generates for a group and stores in
+    $KUBERAY_GEN_RAY_START_CMD (common/pod.go: setMissingRayStartParams,
+    generateRayStartCommand, convertParamMap; configureRedisFT for the password)."""
+    cluster = service["spec"]["rayClusterConfig"]
+    spec = _group_spec(service, group)
+    params = dict(spec["rayStartParams"])
+    if group == "head":
+        params.setdefault("dashboard-host", "0.0.0.0")
+        if "redisPassword" in cluster.get("gcsFaultToleranceOptions", {}):
+            params["redis-password"] = "$REDIS_PASSWORD"
+    else:
+        params.setdefault("address", "sdxl-turbo-abcde-head-svc.default.svc.cluster.local:6379")
+    params.setdefault("metrics-export-port", "8080")
+    params["block"] = "true"
+    params.setdefault("dashboard-agent-listen-port", "52365")
+    limits = spec["template"]["spec"]["containers"][0]["resources"]["limits"]
+    params.setdefault("num-cpus", str(int(quantity_cpus(limits["cpu"]))))
+    params.setdefault("memory", str(quantity_bytes(limits["memory"])))
+    flags = "".join(f" --{k} " if v.lower() == "true" else f" --{k}={v} "
+                    for k, v in sorted(params.items()))
+    return ("ray start --head" if group == "head" else "ray start") + flags
+
+
+FAKE_RAY = """import json, os, sys
+print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:]}))
+"""
+
+
+def run_container_command(container: dict, start_line: str, tmp_path) -> tuple[int, dict]:
+    """Runs the container's command with bash, a stand-in `ray` on PATH and the environment
+    KubeRay gives the container; returns (pid of the process started, what `ray` saw)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "ray"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_RAY}")
+    fake.chmod(0o755)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "KUBERAY_GEN_RAY_START_CMD": start_line,
+           "RAY_START_ULIMIT_OPEN_FILES": str(soft),   # raising it may need privileges here
+           "REDIS_PASSWORD": "pa55-w0rd!"}
+    process = subprocess.Popen(container["command"] + container["args"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    return process.pid, json.loads(out)
+
+
+@pytest.mark.parametrize("group", ("head", "ingress", "model"))
+def test_ray_start_is_pid_1_so_a_pod_deletion_drains_the_node(group: str, tmp_path) -> None:
+    service = rayservice("overlays/g8i")
+    template = _group_spec(service, group)["template"]
+    container = template["spec"]["containers"][0]
+    # `ray stop` in preStop killed the raylet and the replicas before any SIGTERM.
+    assert "lifecycle" not in container
+    assert template["metadata"]["annotations"] == {OVERWRITE_COMMAND: "true"}
+    assert container["command"] == ["/bin/bash", "-c", "--"]
+    pid, seen = run_container_command(
+        container, kuberay_ray_start_line(service, group), tmp_path)
+    # exec: `ray start` replaced the shell, i.e. it is what the kubelet's SIGTERM reaches.
+    assert seen["pid"] == pid
+    assert seen["argv"][0] == "start"
+    # Ray's own CLI accepts the line the shell made of it, quoting and variables resolved.
+    params = ray_start_command.make_context("start", seen["argv"][1:]).params
+    assert params["block"] is True
+    assert params["head"] is (group == "head")
+    if group == "head":
+        assert params["redis_password"] == "pa55-w0rd!"
+    if group == "ingress":
+        assert json.loads(params["resources"]) == {"ingress": 1000}
+    else:
+        assert params["resources"] == "{}"
+
+
+def test_the_command_check_catches_a_command_without_eval(tmp_path) -> None:
+    """KubeRay's sample runs `$KUBERAY_GEN_RAY_START_CMD` unevaluated: its quotes stay literal
+    and the ingress pod's resources JSON is split apart."""
+    service = rayservice("overlays/g8i")
+    container = dict(pod_templates(service)["ingress"]["spec"]["containers"][0])
+    container["args"] = ["ulimit -n ${RAY_START_ULIMIT_OPEN_FILES:-65536}; "
+                         "exec $KUBERAY_GEN_RAY_START_CMD"]
+    pid, seen = run_container_command(
+        container, kuberay_ray_start_line(service, "ingress"), tmp_path)
+    assert seen["pid"] == pid
+    assert "--resources='{\"ingress\":" in seen["argv"]
+    with pytest.raises(click.UsageError, match="unexpected extra argument"):
+        ray_start_command.make_context("start", seen["argv"][1:])
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_drain_window_covers_graceful_replica_shutdown(name: str) -> None:
+    service = rayservice(name)
+    config = AppConfig.model_validate(app_args(service))
+    graceful = {
+        "model": model_deployment_options(config).get(
+            "graceful_shutdown_timeout_s", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),
+        "ingress": ingress_deployment_options(config).get(
+            "graceful_shutdown_timeout_s", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),
+    }
+    assert graceful["model"] == 120
+    assert sorted(pod_templates(service)) == ["head", "ingress", "model"]
+    for template in pod_templates(service).values():
+        spec = template["spec"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        drain = float(env[DRAIN_ENV])
+        assert (drain, spec["terminationGracePeriodSeconds"]) == (140, 150)
+        # SIGKILL comes after the drain, with time left to stop the processes.
+        assert drain + 10 <= spec["terminationGracePeriodSeconds"]
+        # Serve stops a replica on a draining node at the latest graceful_shutdown_timeout_s
+        # before the drain deadline; the proxy drains for at least 30 s.
+        assert drain >= max(graceful.values()) + 20
+        assert drain > PROXY_MIN_DRAINING_PERIOD_S
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_old_cluster_outlives_the_longest_request_after_an_upgrade(name: str) -> None:
+    service = rayservice(name)
+    config = AppConfig.model_validate(app_args(service))
+    delay = service["spec"]["rayClusterDeletionDelaySeconds"]
+    assert delay == 360
+    assert config.ingress.request_timeout_s == 300
+    assert delay >= config.ingress.request_timeout_s + 60
