@@ -294,3 +294,11 @@ def test_old_cluster_outlives_the_longest_request_after_an_upgrade(name: str) ->
     assert delay == 360
     assert config.ingress.request_timeout_s == 300
     assert delay >= config.ingress.request_timeout_s + 60
+
+
+# --- image pulls --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_every_pod_can_pull_from_a_private_registry(name: str) -> None:
+    for template in pod_templates(rayservice(name)).values():
+        assert template["spec"]["imagePullSecrets"] == [{"name": "sdxl-turbo-registry"}]
