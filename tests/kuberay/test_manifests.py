@@ -183,8 +183,8 @@ def test_storage_objects_validate_strictly() -> None:
     pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
     assert pv["spec"]["csi"]["driver"] == "ossplugin.csi.alibabacloud.com"
     assert pv["spec"]["csi"]["volumeHandle"] == pv["metadata"]["name"]
-    assert pv["spec"]["csi"]["nodePublishSecretRef"] == {
-        "name": "sdxl-turbo-oss-weights", "namespace": "default"}
+    # RRSA, no Secret: nothing in the cluster-scoped PV names a namespace (test_rollout).
+    assert "nodePublishSecretRef" not in pv["spec"]["csi"]
     assert pv["spec"]["accessModes"] == pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
     assert pvc["spec"]["selector"]["matchLabels"] == pv["metadata"]["labels"]
 

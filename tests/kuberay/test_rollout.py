@@ -302,3 +302,39 @@ def test_old_cluster_outlives_the_longest_request_after_an_upgrade(name: str) ->
 def test_every_pod_can_pull_from_a_private_registry(name: str) -> None:
     for template in pod_templates(rayservice(name)).values():
         assert template["spec"]["imagePullSecrets"] == [{"name": "sdxl-turbo-registry"}]
+
+
+# --- the weights volume -------------------------------------------------------------------
+
+def _mount_options(other_opts: str) -> list[str]:
+    """The CSI driver's reading of otherOpts ("-o a -o b,c" -> [a, b, c], pkg/oss/utils.go)."""
+    words = other_opts.replace("-o", " -o ").split()
+    assert words[::2] == ["-o"] * (len(words) // 2) and len(words) % 2 == 0, other_opts
+    return [o for value in words[1::2] for o in value.split(",")]
+
+
+def test_weights_volume_needs_no_secret_in_a_fixed_namespace() -> None:
+    (pv,) = [o for o in build("storage") if o["kind"] == "PersistentVolume"]
+    csi = pv["spec"]["csi"]
+    # A PV is cluster-scoped: a nodePublishSecretRef must name the Secret's namespace, which
+    # is wherever the RayService happens to be deployed. RRSA needs no Secret at all.
+    assert set(csi) == {"driver", "volumeHandle", "readOnly", "volumeAttributes"}
+    attributes = csi["volumeAttributes"]
+    assert {k: attributes[k] for k in ("fuseType", "authType", "roleName")} == {
+        "fuseType": "ossfs2", "authType": "rrsa", "roleName": "sdxl-turbo-oss-weights-reader"}
+    assert not {"akId", "akSecret"} & set(attributes)
+
+
+def test_weights_volume_sets_no_option_the_driver_sets() -> None:
+    (pv,) = [o for o in build("storage") if o["kind"] == "PersistentVolume"]
+    csi = pv["spec"]["csi"]
+    options = _mount_options(csi["volumeAttributes"]["otherOpts"])
+    # Read-only: the driver derives it from readOnly / ReadOnlyMany (ossfs 2.0: ro=true).
+    assert csi["readOnly"] is True and pv["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert options == ["allow_other", "umask=022"]
+    assert not {"ro", "ro=true", "rw"} & set(options)
+
+
+def test_mount_option_parser() -> None:
+    assert _mount_options("-o ro -oallow_other -o gid=1000,uid=1000") == [
+        "ro", "allow_other", "gid=1000", "uid=1000"]
