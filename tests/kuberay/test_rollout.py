@@ -15,6 +15,7 @@ import sys
 import click
 import kubernetes_validate
 import pytest
+import yaml
 from ray.scripts.scripts import start as ray_start_command
 from ray.serve._private.constants import (
     DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
@@ -23,10 +24,13 @@ from ray.serve._private.constants import (
 
 from serve_app.app import ingress_deployment_options, model_deployment_options
 from serve_app.config import AppConfig
+from serve_app.tee import detect_tee
 from tests.kuberay.manifests import (
     BUILDS,
+    KUBERAY,
     KUBERNETES_VERSION,
     OVERLAYS,
+    REPO,
     app_args,
     build,
     pod_templates,
@@ -338,3 +342,46 @@ def test_weights_volume_sets_no_option_the_driver_sets() -> None:
 def test_mount_option_parser() -> None:
     assert _mount_options("-o ro -oallow_other -o gid=1000,uid=1000") == [
         "ro", "allow_other", "gid=1000", "uid=1000"]
+
+
+# --- TDX: checking a node before the rollout -----------------------------------------------
+
+TDX_CHECK = KUBERAY / "tdx-check.yaml"
+
+
+def _tdx_check_pod() -> dict:
+    (pod,) = [d for d in yaml.safe_load_all(TDX_CHECK.read_text()) if d is not None]
+    return pod
+
+
+def test_tdx_check_pod_is_placed_and_confined_like_the_tdx_ray_pods() -> None:
+    pod = _tdx_check_pod()
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    templates = pod_templates(rayservice("overlays/tdx"))
+    model = templates["model"]["spec"]
+    spec = pod["spec"]
+    # What makes /dev/tdx_guest invisible and the CPU flag decisive is the same here as in
+    # the Ray pods: unprivileged, uid 1000, no capabilities, on the TDX pool.
+    for key in ("nodeSelector", "tolerations", "securityContext", "imagePullSecrets"):
+        assert spec[key] == model[key], key
+    (container,) = spec["containers"]
+    assert container["securityContext"] == model["containers"][0]["securityContext"]
+    assert "volumes" not in spec and "volumeMounts" not in container
+    # The lite image the ingress pods run: serve_app without the weights.
+    assert container["image"] == templates["ingress"]["spec"]["containers"][0]["image"]
+    assert spec["restartPolicy"] == "Never"
+    # The probe security.require_tee runs by default is the function the check calls.
+    assert AppConfig.model_validate({}).security.tee_probe == "serve_app.tee:detect_tee"
+    assert container["command"][:2] == ["python", "-c"]
+    assert "detect_tee()" in container["command"][2]
+
+
+def test_tdx_check_exits_0_exactly_where_require_tee_would_start() -> None:
+    script = _tdx_check_pod()["spec"]["containers"][0]["command"][2]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=REPO, env={**os.environ, "NODE_NAME": "here"})
+    tee = detect_tee()
+    assert result.returncode == (0 if tee == "tdx" else 1), result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("node: here kernel: ")
+    assert lines[-1] == f"detect_tee: {tee}"
