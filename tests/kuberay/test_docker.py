@@ -112,12 +112,26 @@ def test_image_check_rejects_cuda_torch_and_wrong_pins() -> None:
         "ray 2.59.0 installed, 2.60.0 pinned", "torch None installed, 2.13.0 pinned"]
 
 
-def test_image_check_passes_on_this_environment() -> None:
-    """The development venv has the CPU torch: the build's check must pass on it."""
+def test_image_check_runs_and_judges_this_environment() -> None:
+    """The build's check, run as the Dockerfile runs it, on the development environment: it
+    passes exactly when that environment has the pinned Ray and a CPU torch (this repo's
+    venv does), and otherwise names what is wrong."""
+    import importlib.metadata
+
+    import torch
+
+    check = _check_image_module()
+    installed = {d.metadata["Name"].lower(): d.version
+                 for d in importlib.metadata.distributions()}
+    expected = check.problems(check.pins((REPO / "pyproject.toml").read_text()), installed,
+                              torch.version.cuda)
     result = subprocess.run([sys.executable, str(CHECK_IMAGE), str(REPO / "pyproject.toml")],
                             capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("image check: ray 2.60.0, torch 2.13.0")
+    assert result.returncode == (1 if expected else 0), result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("image check:")] == [
+        f"image check: {problem}" for problem in expected]
+    if not expected:
+        assert result.stdout.startswith("image check: ray 2.60.0, torch 2.13.0")
 
 
 def test_two_targets_non_root_and_weights_where_the_config_points() -> None:
