@@ -12,9 +12,9 @@ from typing import Any
 from ray.serve import Application
 
 from serve_app.config import AppConfig, load_config
-from serve_app.ingress import Ingress
-from serve_app.model_deployment import Text2ImageModel
-from serve_app.model_source import check_local_source
+from serve_app.ingress.deployment import Ingress
+from serve_app.model.deployment import Text2ImageModel
+from serve_app.model.source import check_local_source
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,6 +62,9 @@ def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
         "ray_actor_options": actor_options,
         "max_ongoing_requests": ingress.max_ongoing_requests,
         "max_queued_requests": ingress.max_queued_requests,
+        # A stopping ingress replica finishes its requests first (the pod drain gives 140 s:
+        # kuberay/README.md); Serve's default would cut them off after 20 s.
+        "graceful_shutdown_timeout_s": 120,
     }
 
 

@@ -81,7 +81,7 @@ class ModelConfig(StrictModel):
     warmup_sizes: list[str] = Field(default_factory=lambda: ["512x512"])
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     # Import path of the generator factory; tests inject a fake through it.
-    generator: str = "serve_app.pipeline:load_generator"
+    generator: str = "serve_app.model.pipeline:load_generator"
     generator_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("warmup_sizes")

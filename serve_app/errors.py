@@ -6,9 +6,18 @@ request id. Never a stack trace: unexpected exceptions become `internal_error`.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+
+from serve_app.metrics import record_error
+
+logger = logging.getLogger("ray.serve")
 
 
 class ServiceError(Exception):
@@ -115,3 +124,43 @@ def field_of(loc: tuple[Any, ...]) -> str:
     """Pydantic error location -> dotted field name ('body' prefix dropped)."""
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) if parts else "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error a client can see, as the JSON body above and counted in
+    ray_sdxl_errors_total: typed errors, routing errors (unknown path, wrong method),
+    FastAPI's own validation errors, and anything unexpected (logged with an id, never
+    shown)."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        record_error(exc.code)
+        return to_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and wrong methods, raised by the router before any endpoint runs:
+        the same JSON error body and error metric as every other error."""
+        if exc.status_code == 405:
+            err: ServiceError = MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path}",
+                allow=(exc.headers or {}).get("Allow"))
+        elif exc.status_code == 404:
+            err = NotFound(f"no endpoint at {request.url.path}")
+        else:
+            err = HTTPStatusError(str(exc.detail), status_code=exc.status_code)
+        record_error(err.code)
+        return to_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        record_error(InvalidRequest.code)
+        return to_response(InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        request_id = uuid.uuid4().hex
+        logger.exception("unhandled error, request %s", request_id)
+        record_error(ServiceError.code)
+        return to_response(ServiceError("internal error", request_id=request_id))

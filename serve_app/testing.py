@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.batching import GenerationItem
+from serve_app.protocol import GenerationItem
 
 FAIL_PROMPT = "__fail__"
 

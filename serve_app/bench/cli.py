@@ -125,7 +125,7 @@ def optimization_options(args: argparse.Namespace) -> Any:
     if args.tiny_vae == "random":
         import tempfile
 
-        from serve_app.full_model import save_random_tiny_vae
+        from serve_app.bench.full_model import save_random_tiny_vae
 
         fields["tiny_vae"] = str(save_random_tiny_vae(tempfile.mkdtemp(prefix="tiny-vae-")))
     elif args.tiny_vae:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve_app.bench.direct import load_pipeline, resolve_dtype
     from serve_app.config import OptimizationConfig
-    from serve_app.optimize import optimize_pipeline
+    from serve_app.model.optimize import optimize_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, required=True)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from serve_app import cpu
 from serve_app.bench.progress import Progress
+from serve_app.model import cpu
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def instrument(pipe: Any, timer: StageTimer, *, encode: bool = True) -> None:
 def load_pipeline(model: str, dtype: Any) -> tuple[Any, str]:
     """(pipeline, label). model: 'full' (random weights) or a diffusers directory."""
     if model == FULL:
-        from serve_app.full_model import FULL_MODEL_LABEL, build_full_pipeline
+        from serve_app.bench.full_model import FULL_MODEL_LABEL, build_full_pipeline
 
         pipe = build_full_pipeline(dtype)
         label = FULL_MODEL_LABEL
@@ -101,7 +101,7 @@ def generate(pipe: Any, prompts: list[str], seeds: list[int], *, steps: int, hei
              width: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
     import torch
 
-    from serve_app.pipeline import _to_uint8
+    from serve_app.model.pipeline import _to_uint8
 
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     extra: dict[str, Any] = {}
@@ -253,7 +253,7 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
     import torch
 
     from serve_app.config import OptimizationConfig
-    from serve_app.optimize import optimize_pipeline
+    from serve_app.model.optimize import optimize_pipeline
 
     pipe, label, load_s, timer = load_instrumented(model, dtype_name)
     result: dict[str, Any] = {
@@ -280,7 +280,7 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
             instrument(pipe, timer, encode=False)
             optimized = True
         elif backend == "ipex":
-            from serve_app.backend import apply_ipex, select_backend
+            from serve_app.model.backend import apply_ipex, select_backend
 
             try:
                 choice = select_backend("ipex", torch.__version__)
@@ -317,7 +317,7 @@ def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: 
     import torch
 
     from serve_app.config import OptimizationConfig
-    from serve_app.optimize import optimize_pipeline
+    from serve_app.model.optimize import optimize_pipeline
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     started = time.perf_counter()
@@ -424,7 +424,7 @@ def run_sweep(*, model: str, backend: str, sizes: list[tuple[int, int]], steps_l
     """
 
     from serve_app.config import OptimizationConfig
-    from serve_app.optimize import optimize_pipeline
+    from serve_app.model.optimize import optimize_pipeline
 
     if backend not in ("eager", "optimized"):
         raise ValueError("sweeps run the 'eager' or the 'optimized' backend")

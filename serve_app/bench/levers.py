@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve_app.bench.direct import environment, load_pipeline, resolve_dtype
     from serve_app.config import OptimizationConfig
-    from serve_app.optimize import optimize_pipeline
+    from serve_app.model.optimize import optimize_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="full")

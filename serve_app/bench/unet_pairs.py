@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
 
     from serve_app.bench.direct import resolve_dtype
+    from serve_app.bench.full_model import build_full_pipeline
     from serve_app.config import OptimizationConfig
-    from serve_app.full_model import build_full_pipeline
-    from serve_app.optimize import optimize_pipeline
+    from serve_app.model.optimize import optimize_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from serve_app.jobs import JobRecord, Progress, dump, record_name
+from serve_app.jobs.records import JobRecord, Progress, dump, record_name
 from serve_app.store import ImageStore
 from tests.integration.conftest import deploy, fake_args, free_port
 from tests.integration.test_load_and_faults import replica_actor_names

@@ -2,9 +2,9 @@
 
 import pytest
 
-from serve_app.batching import GenerationItem
 from serve_app.config import AppConfig
-from serve_app.pipeline import load_generator
+from serve_app.model.pipeline import load_generator
+from serve_app.protocol import GenerationItem
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app import cpu
 from serve_app.bench.load import parse_server_timing
+from serve_app.model import cpu
 from tests.integration.conftest import REFERENCE_PROMPT, post
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app import cpu
-from serve_app.optimize import onednn_bf16_supported
-from serve_app.pipeline import DTYPES
-from serve_app.tiny_model import ensure_tiny_model
+from serve_app.model import cpu
+from serve_app.model.optimize import onednn_bf16_supported
+from serve_app.model.pipeline import DTYPES
+from serve_app.model.tiny_model import ensure_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.optimize import (
+from serve_app.model.optimize import (
     CpuAttnProcessor,
     FusedGEGLU,
     PackedConv2d,
@@ -156,7 +156,7 @@ def test_cross_attention_kv_cache_off_recomputes_every_call(dtype):
 
 def test_the_probe_agrees_with_onednn_about_bf16():
     """The bf16 skips above are honest: where the probe says no, oneDNN refuses too."""
-    from serve_app import cpu
+    from serve_app.model import cpu
 
     torch_says = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if cpu.host().capped_to is None:

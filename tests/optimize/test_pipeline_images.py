@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from serve_app import cpu
-from serve_app.batching import GenerationItem
 from serve_app.config import OptimizationConfig
-from serve_app.optimize import PackedConv2d, PackedLinear, optimize_pipeline
-from serve_app.pipeline import DiffusersGenerator
+from serve_app.model import cpu
+from serve_app.model.optimize import PackedConv2d, PackedLinear, optimize_pipeline
+from serve_app.model.pipeline import DiffusersGenerator
+from serve_app.protocol import GenerationItem
 from tests.optimize.conftest import skip_unless_onednn_runs
 
 MEAN_TOLERANCE = 0.5
@@ -124,7 +124,7 @@ def test_bf16_on_a_cpu_without_onednn_bf16_skips_those_levers_with_the_reason(
     monkeypatch.setattr(cpu, "host", lambda: avx2)
     eager_images = eager_at(tiny_model_dir, torch.bfloat16)
     pipe = load(tiny_model_dir, torch.bfloat16)
-    with caplog.at_level("WARNING", logger="serve_app.optimize"):
+    with caplog.at_level("WARNING", logger="serve_app.model.optimize"):
         report = optimize_pipeline(pipe, OptimizationConfig())
     assert report.applied == ["fuse_attention", "cross_attention_kv_cache", "channels_last",
                               "prompt_cache"]
@@ -143,7 +143,7 @@ def test_bf16_on_a_cpu_without_onednn_bf16_skips_those_levers_with_the_reason(
 def test_tiny_vae_is_opt_in_and_loads_from_a_directory(tiny_model_dir, tmp_path, auto_dtype):
     from diffusers import AutoencoderTiny
 
-    from serve_app.full_model import save_random_tiny_vae
+    from serve_app.bench.full_model import save_random_tiny_vae
 
     assert OptimizationConfig().tiny_vae is None
     path = save_random_tiny_vae(tmp_path / "taesdxl")
@@ -167,7 +167,7 @@ def test_replica_loader_picks_the_dtype_by_cpu_and_warns_on_emulated_bf16(
     """load_generator, as a replica runs it, on a CPU capped to AVX2: `auto` gives float32
     with every lever; an explicit bfloat16 starts, warns once, and reports what it skipped."""
     from serve_app.config import AppConfig
-    from serve_app.pipeline import load_generator
+    from serve_app.model.pipeline import load_generator
 
     avx2 = cpu.detect(env={cpu.CPU_CLASS_ENV: "avx2"})
     monkeypatch.setattr(cpu, "host", lambda: avx2)

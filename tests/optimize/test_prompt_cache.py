@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from serve_app.optimize import PromptEmbeddingCache
+from serve_app.model.optimize import PromptEmbeddingCache
 
 
 class FakeEncoder:

@@ -2,7 +2,7 @@ import types
 
 import pytest
 
-from serve_app.backend import select_backend
+from serve_app.model.backend import select_backend
 
 
 def fake_ipex(version):

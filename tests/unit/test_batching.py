@@ -1,12 +1,11 @@
 import pytest
 
-from serve_app.batching import (
+from serve_app.batching.policy import group_by_shape, plan_pipeline_calls, scatter
+from serve_app.protocol import (
     GenerationItem,
+    ModelResult,
     flatten_group,
-    group_by_shape,
     image_seed,
-    plan_pipeline_calls,
-    scatter,
     split_images,
 )
 
@@ -57,9 +56,17 @@ def test_image_seeds_are_stable_and_distinct():
     assert all(0 <= s < 2**63 for s in seeds)
 
 
-def test_item_round_trips_through_dict():
+def test_wire_types_round_trip_as_ray_sends_them():
+    import pickle
+
+    import numpy as np
+
     original = item(prompt="x", call_index=2, count=3)
-    assert GenerationItem.from_dict(original.to_dict()) == original
+    assert pickle.loads(pickle.dumps(original)) == original
+    result = ModelResult(images=[np.zeros((2, 2, 3), np.uint8)], pipeline_s=0.5, batch_size=2)
+    back = pickle.loads(pickle.dumps(result))
+    assert (back.pipeline_s, back.batch_size, back.error) == (0.5, 2, None)
+    assert np.array_equal(back.images[0], result.images[0])
 
 
 def test_pipeline_calls_are_capped_by_images():

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.config import JobsConfig
-from serve_app.jobs import callback_host_allowed, post_callback
+from serve_app.jobs.records import callback_host_allowed, post_callback
 
 
 @pytest.mark.parametrize("host,allowed,expected", [

@@ -81,6 +81,8 @@ def test_ingress_options():
         {"ingress": {"num_replicas": 3, "num_cpus": 0.25}}))
     assert options["num_replicas"] == 3
     assert options["ray_actor_options"] == {"num_cpus": 0.25}
+    # In-flight requests get as long to finish as the model's (the pod drain allows 140 s).
+    assert options["graceful_shutdown_timeout_s"] == 120
     pinned = ingress_deployment_options(AppConfig.model_validate(
         {"ingress": {"resources": {"ingress": 1}}}))
     assert pinned["ray_actor_options"] == {"num_cpus": 0.5, "resources": {"ingress": 1}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.cpu import CPU_CLASS_ENV, choose_dtype, detect, parse_flags
+from serve_app.model.cpu import CPU_CLASS_ENV, choose_dtype, detect, parse_flags
 
 BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c"
 AVX2 = f"{BASE} avx2 fma bmi2"

@@ -6,8 +6,8 @@ import threading
 import time
 
 from serve_app.config import AppConfig
-from serve_app.job_runner import JobRunner
-from serve_app.jobs import JobRecord, Progress, record_name
+from serve_app.jobs.records import JobRecord, Progress, record_name
+from serve_app.jobs.runner import JobRunner
 
 
 class SlowStore:
@@ -61,7 +61,7 @@ def test_the_final_record_is_the_last_write():
 
 
 def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
-    from serve_app.job_runner import KeyedLocks
+    from serve_app.jobs.runner import KeyedLocks
 
     locks = KeyedLocks()
     events: list[str] = []

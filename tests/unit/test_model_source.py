@@ -1,7 +1,7 @@
 import pytest
 
 from serve_app.app import build_app
-from serve_app.model_source import ModelNotFoundError, looks_like_path, resolve_model_dir
+from serve_app.model.source import ModelNotFoundError, looks_like_path, resolve_model_dir
 
 
 def test_missing_directory_fails_at_build_with_one_line(tmp_path):

@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from serve_app.readiness import ReadinessProbe
+from serve_app.ingress.readiness import ReadinessProbe
 
 
 class Saturated(Exception):

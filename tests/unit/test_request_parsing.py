@@ -4,7 +4,7 @@ import pytest
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.request_parsing import MAX_BODY_BYTES, parse_request, plan_calls
+from serve_app.ingress.parsing import MAX_BODY_BYTES, parse_request, plan_calls
 
 CONFIG = AppConfig()
 REFERENCE = {"prompt": "A panda listening to music with headphones. highly detailed, 8k.",
@@ -105,7 +105,7 @@ def _chunks(sizes, pulled):
 def test_read_body_stops_a_chunked_body_at_the_limit():
     import asyncio
 
-    from serve_app.request_parsing import read_body
+    from serve_app.ingress.parsing import read_body
 
     pulled: list[int] = []
     # 100 MB in 64 KiB chunks, no Content-Length (chunked transfer encoding).
@@ -122,7 +122,7 @@ def test_read_body_stops_a_chunked_body_at_the_limit():
 def test_read_body_refuses_a_declared_length_before_reading():
     import asyncio
 
-    from serve_app.request_parsing import read_body
+    from serve_app.ingress.parsing import read_body
 
     pulled: list[int] = []
     with pytest.raises(PayloadTooLarge):

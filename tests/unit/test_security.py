@@ -1,7 +1,7 @@
 import pytest
 
-from serve_app.auth import ApiKeys
 from serve_app.errors import Unauthorized
+from serve_app.ingress.auth import ApiKeys
 from serve_app.tee import TeeRequiredError, check_tee, detect_tee
 
 

@@ -4,7 +4,7 @@ import random
 import threading
 import time
 
-from serve_app.step_progress import LatestValueWriter
+from serve_app.model.step_progress import LatestValueWriter
 
 
 def test_writes_of_one_name_never_go_backwards_and_the_last_value_lands():

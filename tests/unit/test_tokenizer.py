@@ -1,6 +1,6 @@
 from transformers import CLIPTokenizer
 
-from serve_app.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+from serve_app.model.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
 
 
 def test_offline_tokenizer_matches_clip_ids(tmp_path):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_app.tiny_model import assemble_sdxl_pipeline
+from serve_app.model.tiny_model import assemble_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def build_full_pipeline(dtype: Any = None, seed: int = WEIGHTS_SEED):
         CLIPTextModelWithProjection,
     )
 
-    from serve_app.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
+    from serve_app.model.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
 
     dtype = dtype or torch.bfloat16
     started = time.perf_counter()

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from serve_app.batching import GenerationItem
 from serve_app.config import AppConfig, parse_size
 from serve_app.errors import InvalidRequest, PayloadTooLarge, field_of
-from serve_app.schemas import Text2ImageRequest
+from serve_app.ingress.schemas import Text2ImageRequest
+from serve_app.protocol import GenerationItem
 
 MAX_BODY_BYTES = 64 * 1024
 

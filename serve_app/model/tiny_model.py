@@ -49,7 +49,7 @@ def build_tiny_pipeline():
         CLIPTextModelWithProjection,
     )
 
-    from serve_app.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
+    from serve_app.model.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
 
     torch.manual_seed(WEIGHTS_SEED)
     text_dim, proj_dim, time_dim = 32, 32, 8
@@ -99,7 +99,7 @@ def assemble_sdxl_pipeline(unet, vae, text_encoder, text_encoder_2):
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    from serve_app.tokenizer import write_clip_tokenizer
+    from serve_app.model.tokenizer import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "t1"))

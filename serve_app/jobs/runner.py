@@ -1,7 +1,7 @@
 """Async jobs on the ingress: running, heartbeats, takeover of stale jobs, callbacks.
 
 A mixin of the Ingress deployment: it uses the ingress's store, config and `_generate`.
-Records and callbacks themselves are in serve_app.jobs.
+Records and callbacks themselves are in serve_app.jobs.records.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from serve_app.errors import InvalidRequest, NotFound, Overloaded, ServiceError, error_body
-from serve_app.jobs import (
+from serve_app.ingress.schemas import Text2ImageRequest
+from serve_app.jobs.records import (
     JobRecord,
     dump,
     is_stale,
@@ -27,7 +28,6 @@ from serve_app.jobs import (
     record_name,
     step_record_name,
 )
-from serve_app.schemas import Text2ImageRequest
 
 logger = logging.getLogger("ray.serve")
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from serve_app.schemas import Text2ImageRequest
+from serve_app.ingress.schemas import Text2ImageRequest
 
 logger = logging.getLogger("ray.serve")
 

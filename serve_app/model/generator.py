@@ -1,7 +1,7 @@
 """The small interface between a model replica and whatever makes the pixels.
 
 The replica only needs `info` and `generate`; tests of HTTP behaviour plug in a fake
-through `model.generator`, the real path loads diffusers (serve_app.pipeline).
+through `model.generator`, the real path loads diffusers (serve_app.model.pipeline).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from serve_app.batching import GenerationItem
+from serve_app.protocol import GenerationItem
 
 
 class ImageGenerator(Protocol):

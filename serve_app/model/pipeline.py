@@ -1,4 +1,4 @@
-"""The real generator: SDXL-Turbo through diffusers; the dtype follows the CPU (serve_app.cpu)."""
+"""The real generator: SDXL-Turbo through diffusers; the dtype follows the CPU (model/cpu.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve_app import cpu
-from serve_app.backend import apply_ipex, select_backend
-from serve_app.batching import GenerationItem, flatten_group, split_images
 from serve_app.config import AppConfig, parse_size
-from serve_app.model_source import resolve_model_dir
+from serve_app.model import cpu
+from serve_app.model.backend import apply_ipex, select_backend
+from serve_app.model.source import resolve_model_dir
+from serve_app.protocol import GenerationItem, flatten_group, split_images
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class DiffusersGenerator:
 def device_and_dtype(num_gpus: float, requested: str,
                      caps: cpu.CpuCapabilities | None = None) -> tuple[str, cpu.DtypeChoice]:
     """A replica given a GPU runs on CUDA (float16 for `auto`); on CPU the dtype follows
-    the CPU's bf16 support (serve_app.cpu.choose_dtype), and float16 is refused."""
+    the CPU's bf16 support (serve_app.model.cpu.choose_dtype), and float16 is refused."""
     device = "cuda" if num_gpus > 0 else "cpu"
     return device, cpu.choose_dtype(requested, device, cpu.host() if caps is None else caps)
 
@@ -102,7 +102,7 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     backend = select_backend(model_cfg.backend, torch.__version__, device=device)
     stage = time.perf_counter()
     if device == "cpu":
-        from serve_app.optimize import optimize_pipeline
+        from serve_app.model.optimize import optimize_pipeline
 
         report = optimize_pipeline(pipe, model_cfg.optimization, backend=backend.name)
         applied, skipped = report.applied, report.skipped

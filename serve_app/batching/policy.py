@@ -1,60 +1,24 @@
 """Batching policy as plain functions: group calls by shape, scatter results back.
 
-A diffusers pipeline call runs one (width, height, steps) shape, so a Serve batch holding
-mixed shapes becomes one pipeline call per shape. Nothing here imports Ray or torch.
+A diffusers pipeline call runs one (width, height, steps) shape, so a batch holding mixed
+shapes becomes one pipeline call per shape. Nothing here imports Ray or torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import numpy as np
+from serve_app.protocol import GenerationItem
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class GenerationItem:
-    """One model call: a prompt and `count` images of one shape."""
-
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    seed: int
-    # Index of this call within its request: separates the seeds of calls 0..number-1.
-    call_index: int = 0
-    count: int = 1
-    # Set for async jobs: the replica records denoising steps done under this key.
-    progress_key: str | None = None
-
-    @property
-    def shape_key(self) -> tuple[int, int, int]:
-        return (self.width, self.height, self.steps)
-
-    def image_seeds(self) -> list[int]:
-        return [image_seed(self.seed, self.call_index, j) for j in range(self.count)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationItem:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
 class ShapeGroup:
     key: tuple[int, int, int]
     indices: tuple[int, ...]
-
-
-def image_seed(seed: int, call_index: int, image_index: int) -> int:
-    """A per-image seed that does not collide between neighbouring request seeds."""
-    state = np.random.SeedSequence([seed, call_index, image_index]).generate_state(2, np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
 
 
 def group_by_shape(items: Sequence[GenerationItem]) -> list[ShapeGroup]:
@@ -107,26 +71,3 @@ def scatter(groups: Sequence[ShapeGroup], group_results: Sequence[Sequence[T]],
     if missing:
         raise ValueError(f"no result for items {missing}")
     return out  # type: ignore[return-value]
-
-
-def flatten_group(items: Sequence[GenerationItem]) -> tuple[list[str], list[int]]:
-    """A group's prompts and seeds, one entry per image, as the pipeline takes them."""
-    prompts: list[str] = []
-    seeds: list[int] = []
-    for item in items:
-        prompts.extend([item.prompt] * item.count)
-        seeds.extend(item.image_seeds())
-    return prompts, seeds
-
-
-def split_images(items: Sequence[GenerationItem], images: Sequence[T]) -> list[list[T]]:
-    """Inverse of flatten_group: per-item lists of that item's images."""
-    expected = sum(item.count for item in items)
-    if len(images) != expected:
-        raise ValueError(f"expected {expected} images, got {len(images)}")
-    out: list[list[T]] = []
-    start = 0
-    for item in items:
-        out.append(list(images[start:start + item.count]))
-        start += item.count
-    return out

@@ -41,7 +41,7 @@ def check_local_source(source: str) -> None:
 def resolve_model_dir(source: str, revision: str | None = None,
                       cache_dir: str | None = None) -> Path:
     if source == EMBEDDED_TINY:
-        from serve_app.tiny_model import ensure_tiny_model
+        from serve_app.model.tiny_model import ensure_tiny_model
 
         return ensure_tiny_model(cache_dir)
     if looks_like_path(source):

@@ -17,12 +17,13 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.batching import GenerationItem, plan_pipeline_calls, scatter
+from serve_app.batching.policy import plan_pipeline_calls, scatter
 from serve_app.config import AppConfig, BatchingConfig
-from serve_app.generator import ImageGenerator, load_factory
-from serve_app.jobs import step_record_name
+from serve_app.jobs.records import step_record_name
 from serve_app.metrics import ModelMetrics
-from serve_app.step_progress import LatestValueWriter
+from serve_app.model.generator import ImageGenerator, load_factory
+from serve_app.model.step_progress import LatestValueWriter
+from serve_app.protocol import GenerationItem, ModelResult
 from serve_app.store import ImageStore
 from serve_app.tee import check_tee
 
@@ -89,9 +90,8 @@ class Text2ImageModel:
         return {"batch_sizes": list(self._batch_sizes), "pipeline_calls": self._pipeline_calls,
                 "batching": self._batching.model_dump()}
 
-    async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
-        """One call: `count` images of one prompt. Returns images as HxWx3 uint8 arrays."""
-        call = GenerationItem.from_dict(item)
+    async def generate(self, call: GenerationItem) -> ModelResult:
+        """One call: `count` images of one prompt, as HxWx3 uint8 arrays."""
         self._arrivals[id(call)] = time.perf_counter()
         try:
             return await self._generate_batch(call)
@@ -99,14 +99,14 @@ class Text2ImageModel:
             self._arrivals.pop(id(call), None)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
-    async def _generate_batch(self, items: list[GenerationItem]) -> list[dict[str, Any]]:
+    async def _generate_batch(self, items: list[GenerationItem]) -> list[ModelResult]:
         self._batch_sizes.append(len(items))
         now = time.perf_counter()
         self._metrics.record_batch(len(items),
                                    [now - self._arrivals.get(id(it), now) for it in items])
         loop = asyncio.get_running_loop()
         groups = plan_pipeline_calls(items, self._batching.max_images_per_call)
-        results = []
+        results: list[list[ModelResult]] = []
         for group in groups:
             members = [items[i] for i in group.indices]
             start = time.perf_counter()
@@ -118,14 +118,12 @@ class Text2ImageModel:
             except Exception as exc:
                 # One shape failing must not fail the other shapes in the batch.
                 logger.exception("pipeline call failed for shape %s", group.key)
-                results.append([{"error": f"{type(exc).__name__}"}] * len(members))
+                results.append([ModelResult(error=type(exc).__name__) for _ in members])
                 continue
             elapsed = time.perf_counter() - start
             first = members[0]
             self._metrics.record_pipeline_call(first.width, first.height, first.steps,
                                                sum(m.count for m in members), elapsed)
-            results.append([
-                {"images": imgs, "pipeline_s": elapsed, "batch_size": len(items)}
-                for imgs in images
-            ])
+            results.append([ModelResult(images=imgs, pipeline_s=elapsed, batch_size=len(items))
+                            for imgs in images])
         return scatter(groups, results, len(items))

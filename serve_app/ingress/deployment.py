@@ -16,33 +16,31 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from serve_app.auth import ApiKeys
-from serve_app.batching import GenerationItem
 from serve_app.config import AppConfig
 from serve_app.errors import (
     GenerationFailed,
     GenerationTimeout,
-    HTTPStatusError,
     InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
     NotReady,
     Overloaded,
-    ServiceError,
-    field_of,
+    install_error_handlers,
     to_response,
 )
-from serve_app.head_requests import HeadAsGet
-from serve_app.imaging import encode_png, make_grid
-from serve_app.job_runner import JobRunner, KeyedLocks
-from serve_app.jobs import (
+from serve_app.ingress.auth import ApiKeys
+from serve_app.ingress.head_requests import HeadAsGet
+from serve_app.ingress.imaging import encode_png, make_grid
+from serve_app.ingress.parsing import parse_request, plan_calls, read_body
+from serve_app.ingress.readiness import ReadinessProbe
+from serve_app.ingress.schemas import (
+    Text2ImageRequest,
+    Text2ImageResponse,
+)
+from serve_app.jobs.records import (
     JobRecord,
     JobRequest,
     Progress,
@@ -50,13 +48,9 @@ from serve_app.jobs import (
     key_name,
     record_name,
 )
+from serve_app.jobs.runner import JobRunner, KeyedLocks
 from serve_app.metrics import ingress_metrics, record_error
-from serve_app.readiness import ReadinessProbe
-from serve_app.request_parsing import parse_request, plan_calls, read_body
-from serve_app.schemas import (
-    Text2ImageRequest,
-    Text2ImageResponse,
-)
+from serve_app.protocol import GenerationItem, ModelResult
 from serve_app.store import GRID_NAME, ImageStore, image_name
 from serve_app.tee import check_tee
 
@@ -76,48 +70,12 @@ app = FastAPI(
     description="Text-to-image on CPU replicas; API compatible with stable-diffusion-ipex.",
 )
 app.add_middleware(HeadAsGet)
+install_error_handlers(app)
 
 
 def server_timing(timings: dict[str, float]) -> str:
     """The W3C Server-Timing header: `pipeline;dur=581.2, model;dur=590.4` (milliseconds)."""
     return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timings.items())
-
-
-@app.exception_handler(ServiceError)
-async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    record_error(exc.code)
-    return to_response(exc)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes and wrong methods, raised by the router before any endpoint runs:
-    the same JSON error body and error metric as every other error."""
-    if exc.status_code == 405:
-        err: ServiceError = MethodNotAllowed(
-            f"{request.method} is not allowed on {request.url.path}",
-            allow=(exc.headers or {}).get("Allow"))
-    elif exc.status_code == 404:
-        err = NotFound(f"no endpoint at {request.url.path}")
-    else:
-        err = HTTPStatusError(str(exc.detail), status_code=exc.status_code)
-    record_error(err.code)
-    return to_response(err)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    record_error(InvalidRequest.code)
-    return to_response(InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))))
-
-
-@app.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    request_id = uuid.uuid4().hex
-    logger.exception("unhandled error, request %s", request_id)
-    record_error(ServiceError.code)
-    return to_response(ServiceError("internal error", request_id=request_id))
 
 
 def _body_schema(model: type[Text2ImageRequest]) -> dict[str, Any]:
@@ -248,18 +206,18 @@ class Ingress(JobRunner):
         results = await self._run_calls(items, request_id, on_call_done)
         generation_s = time.perf_counter() - started
 
-        images = [result["images"] for result in results]
+        images = [result.images for result, _ in results]
         stored = time.perf_counter()
         await self._store_images(request_id, images)
         if timings is not None:
-            timings["pipeline"] = max(result.get("pipeline_s", 0.0) for result in results)
+            timings["pipeline"] = max(result.pipeline_s for result, _ in results)
             timings["model"] = generation_s
             timings["store"] = time.perf_counter() - stored
         base = f"{base_url}/images/{request_id}"
         output = [
-            {"latencySeconds": round(result["latency_s"], 4), "url": f"{base}/{image_name(i, j)}"}
-            for i, result in enumerate(results)
-            for j in range(len(result["images"]))
+            {"latencySeconds": round(latency_s, 4), "url": f"{base}/{image_name(i, j)}"}
+            for i, (result, latency_s) in enumerate(results)
+            for j in range(len(result.images))
         ]
         total = len(output)
         logger.info("request %s: %d images %s %d steps in %.3fs", request_id, total, body.size,
@@ -279,22 +237,22 @@ class Ingress(JobRunner):
 
     async def _run_calls(self, items: list[GenerationItem], request_id: str,
                          on_call_done: Callable[[int], None] | None = None,
-                         ) -> list[dict[str, Any]]:
-        async def one(item: GenerationItem) -> dict[str, Any]:
+                         ) -> list[tuple[ModelResult, float]]:
+        """Each call's result and its latency as the ingress saw it (seconds)."""
+        async def one(item: GenerationItem) -> tuple[ModelResult, float]:
             start = time.perf_counter()
             for attempt in range(REPLICA_LOST_RETRIES + 1):
                 try:
-                    result = await self.model.generate.remote(item.to_dict())
+                    result: ModelResult = await self.model.generate.remote(item)
                     break
                 except (RayActorError, ActorUnavailableError):
                     if attempt == REPLICA_LOST_RETRIES:
                         raise
                     logger.warning("request %s: model replica lost, retrying call %d",
                                    request_id, item.call_index)
-            result["latency_s"] = time.perf_counter() - start
-            if on_call_done is not None and "images" in result:
-                on_call_done(len(result["images"]))
-            return result
+            if on_call_done is not None and result.error is None:
+                on_call_done(len(result.images))
+            return result, time.perf_counter() - start
 
         tasks = [asyncio.ensure_future(one(item)) for item in items]
         try:
@@ -315,9 +273,9 @@ class Ingress(JobRunner):
                 task.cancel()
             logger.error("request %s: model call failed: %s", request_id, type(exc).__name__)
             raise GenerationFailed("image generation failed", request_id=request_id) from None
-        for result in results:
-            if "error" in result:
-                logger.error("request %s: pipeline error %s", request_id, result["error"])
+        for result, _ in results:
+            if result.error is not None:
+                logger.error("request %s: pipeline error %s", request_id, result.error)
                 raise GenerationFailed("image generation failed", request_id=request_id)
         return results
 

@@ -1,0 +1,1 @@
+"""Request batching: which calls run together, and in what order. No torch."""

@@ -1,0 +1,1 @@
+"""Async jobs: records, the runner, callbacks. No torch."""

@@ -1,0 +1,145 @@
+"""CPU speed levers applied after load. Each is switched by model.optimization.
+
+All of them keep diffusers' pipeline and only swap modules or attention processors:
+
+* ``prepack_linear``: nn.Linear -> :class:`PackedLinear`, whose weight is reordered once
+  into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``) and run by
+  ``mkldnn._linear_pointwise``, instead of being re-laid-out on every F.linear call.
+* ``prepack_conv``: nn.Conv2d -> :class:`PackedConv2d` (``mkldnn_reorder_conv2d_weight`` +
+  ``mkldnn._convolution_pointwise``), channels-last activations.
+* ``fuse_geglu``: the feed-forward GEGLU's projection becomes two prepacked GEMMs, the gate
+  with GELU fused into the GEMM and the value GEMM multiplied by it in its epilogue: no
+  chunk copy, no separate GELU and multiply passes over the 4x-wide activation.
+* ``fuse_attention``: self-attention's q/k/v projections become one GEMM, and the no-op
+  ``/ rescale_output_factor`` (1.0) pass over every attention output is skipped.
+* ``cross_attention_kv_cache``: cross-attention's K/V projections of the prompt
+  embeddings are computed at the first denoising step and reused at the others (the same
+  tensor, so the same values, bit for bit).
+* ``channels_last``: UNet and VAE in channels-last memory format.
+* ``prompt_cache_size``: LRU cache of prompt embeddings; a repeated prompt skips both text
+  encoders. 0 turns it off.
+* ``tiny_vae``: opt-in: decode with AutoencoderTiny loaded from a local directory (a speed
+  versus quality trade, off by default).
+
+The packed ops are oneDNN kernels of the same arithmetic (bf16 or fp32 inputs, fp32
+accumulation), so images match eager at the same dtype within the tolerance measured in
+BENCHMARKS.md and asserted in tests/optimize. oneDNN's bf16 kernels need AVX-512 (or
+avx_ne_convert): on other CPUs a bf16 pipeline skips the oneDNN levers, with the reason
+reported; a float32 pipeline (model.dtype auto there) has them on every x86 CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from serve_app.config import OptimizationConfig
+from serve_app.model import cpu
+from serve_app.model.optimize.attention import CpuAttnProcessor, fuse_attention
+from serve_app.model.optimize.packed import (
+    FusedGEGLU,
+    PackedConv2d,
+    PackedLinear,
+    fuse_geglus,
+    mkldnn_available,
+    onednn_bf16_supported,
+    prepack_convs,
+    prepack_linears,
+)
+from serve_app.model.optimize.prompt_cache import PromptEmbeddingCache
+
+__all__ = ["COMPONENTS", "CpuAttnProcessor", "FusedGEGLU", "LeverReport", "PackedConv2d",
+           "PackedLinear", "PromptEmbeddingCache", "fuse_attention", "fuse_geglus",
+           "mkldnn_available", "onednn_bf16_supported", "optimize_pipeline",
+           "prepack_convs", "prepack_linears"]
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def load_tiny_vae(path: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(path, torch_dtype=dtype).eval().requires_grad_(False)
+
+
+@dataclass
+class LeverReport:
+    """What optimize_pipeline did: levers applied, in order, and those switched on but not
+    applied, with the reason (logged at start-up, reported by /readyz)."""
+
+    applied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+# Levers that run oneDNN's packed kernels.
+ONEDNN_LEVERS = ("fuse_geglu", "prepack_linear", "prepack_conv")
+
+
+def _onednn_unusable(pipe: Any) -> str | None:
+    """Why the oneDNN levers cannot run on this pipeline, or None when they can."""
+    if not mkldnn_available():
+        return "oneDNN (mkldnn) ops unavailable in this torch build"
+    unet = getattr(pipe, "unet", None)
+    dtype = getattr(unet, "dtype", None)
+    if dtype == torch.bfloat16 and not onednn_bf16_supported():
+        return (f"oneDNN bf16 kernels need avx512bw/vl/dq or avx_ne_convert; CPU is "
+                f"{cpu.host().describe()} (float32 has them everywhere: model.dtype auto)")
+    return None
+
+
+def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
+                      backend: str = "torch") -> LeverReport:
+    """Apply the switched-on levers to a CPU pipeline in place.
+
+    With backend "ipex", IPEX prepacks and fuses the weights itself (ipex.optimize after
+    this), so only channels_last, the tiny VAE and the prompt cache are applied here.
+    """
+    report = LeverReport()
+    applied = report.applied
+    if backend == "ipex":
+        options = options.model_copy(update={"prepack_linear": False, "prepack_conv": False,
+                                             "fuse_geglu": False, "fuse_attention": False,
+                                             "cross_attention_kv_cache": False})
+    tiny_vae = getattr(options, "tiny_vae", None)
+    if tiny_vae:
+        pipe.vae = load_tiny_vae(tiny_vae, pipe.unet.dtype)
+        applied.append("tiny_vae")
+    blocked = _onednn_unusable(pipe)
+    if blocked is not None:
+        for name in ONEDNN_LEVERS:
+            if getattr(options, name):
+                report.skipped[name] = blocked
+        if report.skipped:
+            logger.warning("skipping %s: %s", ", ".join(report.skipped), blocked)
+    onednn = blocked is None
+    cache_kv = getattr(options, "cross_attention_kv_cache", False)
+    if (options.fuse_attention or cache_kv) and getattr(pipe, "unet", None) is not None:
+        if fuse_attention(pipe.unet, fuse_qkv=options.fuse_attention, cache_cross_kv=cache_kv):
+            applied.extend(name for name, on in (("fuse_attention", options.fuse_attention),
+                                                 ("cross_attention_kv_cache", cache_kv)) if on)
+    if options.fuse_geglu and onednn and fuse_geglus(pipe.unet):
+        applied.append("fuse_geglu")
+    if options.prepack_linear and onednn:
+        count = sum(prepack_linears(getattr(pipe, name)) for name in COMPONENTS
+                    if getattr(pipe, name, None) is not None)
+        if count:
+            applied.append("prepack_linear")
+    if options.channels_last:
+        for name in ("unet", "vae"):
+            getattr(pipe, name).to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if options.prepack_conv and onednn:
+        count = sum(prepack_convs(getattr(pipe, name)) for name in ("unet", "vae"))
+        if count:
+            applied.append("prepack_conv")
+    if options.prompt_cache_size > 0 and not isinstance(
+            getattr(pipe, "encode_prompt", None), PromptEmbeddingCache):
+        pipe.encode_prompt = PromptEmbeddingCache(pipe.encode_prompt, options.prompt_cache_size)
+        applied.append("prompt_cache")
+    return report
