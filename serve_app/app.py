@@ -11,6 +11,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.batching.deployment import Batcher
 from serve_app.config import AppConfig, load_config
 from serve_app.ingress.deployment import Ingress
 from serve_app.model.deployment import Text2ImageModel
@@ -30,9 +31,10 @@ def model_deployment_options(config: AppConfig) -> dict[str, Any]:
         actor_options["resources"] = dict(replica.resources)
     options: dict[str, Any] = {
         "ray_actor_options": actor_options,
-        "max_ongoing_requests": config.model_max_ongoing_requests,
-        "max_queued_requests": replica.max_queued_requests,
-        "user_config": config.batching_user_config,
+        "max_ongoing_requests": replica.max_ongoing_requests,
+        # Calls wait in the batcher (bounded there); at most one formed batch per batcher
+        # replica waits here for a free replica.
+        "max_queued_requests": -1,
         # Loading and warming the real model takes minutes on a cold node.
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 120,
@@ -46,6 +48,8 @@ def model_deployment_options(config: AppConfig) -> dict[str, Any]:
             "target_ongoing_requests": auto.target_ongoing_requests,
             "upscale_delay_s": auto.upscale_delay_s,
             "downscale_delay_s": auto.downscale_delay_s,
+            # Ongoing batches plus the batcher's backlog (batching/autoscaling.py).
+            "policy": {"policy_function": "serve_app.batching.autoscaling:backlog_policy"},
         }
     else:
         options["num_replicas"] = replica.num_replicas
@@ -68,9 +72,29 @@ def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
     }
 
 
+# Every waiting call is an ongoing request of the batcher: its own queue limit
+# (replica.max_queued_requests per batcher replica) is what turns clients away, with 503.
+BATCHER_MAX_ONGOING_REQUESTS = 100_000
+
+
+def batcher_deployment_options(config: AppConfig) -> dict[str, Any]:
+    actor_options: dict[str, Any] = {"num_cpus": config.batcher.num_cpus}
+    if config.ingress.resources:
+        actor_options["resources"] = dict(config.ingress.resources)
+    return {
+        "num_replicas": config.batcher.num_replicas,
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": BATCHER_MAX_ONGOING_REQUESTS,
+        "max_queued_requests": -1,
+        "user_config": config.batching_user_config,
+        "graceful_shutdown_timeout_s": 120,
+    }
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = load_config(args)
     check_local_source(config.model.source)
     payload = config.model_dump(mode="json")
     model = Text2ImageModel.options(**model_deployment_options(config)).bind(payload)
-    return Ingress.options(**ingress_deployment_options(config)).bind(model, payload)
+    batcher = Batcher.options(**batcher_deployment_options(config)).bind(model, payload)
+    return Ingress.options(**ingress_deployment_options(config)).bind(batcher, model, payload)

@@ -65,6 +65,19 @@ class OptimizationConfig(StrictModel):
     tiny_vae: str | None = None
 
 
+class OpenVINOConfig(StrictModel):
+    """model.backend openvino: the pipeline's networks run as OpenVINO IR
+    (serve_app/model/openvino/), exported once per model, versions and options."""
+
+    # Where the IR is cached, a directory every replica shares. Unset: `openvino/` inside
+    # the model's directory (beside the weights). Must be writable unless the IR for this
+    # model, versions and options is already there (exported with `sdxl-turbo-export`).
+    cache_dir: str | None = None
+    # int8: weights compressed to int8 with nncf.compress_weights at export. Unset: the
+    # dtype's weights (f32 IR for float32, f16-stored weights for bfloat16).
+    weights: Literal["int8"] | None = None
+
+
 class ModelConfig(StrictModel):
     # `embedded:tiny-sdxl` (random weights, generated offline), a hub id such as
     # `stabilityai/sdxl-turbo`, or a local directory in diffusers format.
@@ -76,7 +89,10 @@ class ModelConfig(StrictModel):
     # (bf16 is emulated there, many times slower), float16 on a GPU (serve_app/cpu.py).
     # float16 is only valid with a GPU: on CPU it is ~1000x slower.
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
-    backend: Literal["auto", "ipex", "torch"] = "auto"
+    # auto: IPEX when it matches torch, else torch (serve_app/model/backend.py); openvino
+    # runs exported OpenVINO IR (model.openvino).
+    backend: Literal["auto", "ipex", "torch", "openvino"] = "auto"
+    openvino: OpenVINOConfig = Field(default_factory=OpenVINOConfig)
     # Sizes compiled/warmed at start-up so the first real request pays no one-off cost.
     warmup_sizes: list[str] = Field(default_factory=lambda: ["512x512"])
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
@@ -95,12 +111,16 @@ class ModelConfig(StrictModel):
 class BatchingConfig(StrictModel):
     # Counts model calls; one call is one prompt with `batch` images.
     max_batch_size: int = Field(default=4, ge=1, le=64)
-    # 0 means: run what is queued now. Under load the queue fills while the previous batch
-    # runs, so batches still form, and a lone request never waits for company.
+    # How long the oldest waiting call may wait for company before its batch is formed.
+    # 0 means: form it now. Under load calls pile up while every model replica is busy, so
+    # batches still form, and a lone request never waits.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
     # Images in one pipeline call: bounds the activations (the VAE decodes a call in one
     # pass), so a batch of large requests can't run the replica out of memory.
     max_images_per_call: int = Field(default=8, ge=1, le=64)
+    # Async-job calls wait behind interactive ones, but no longer than this: then they are
+    # served in arrival order with the interactive calls (no starvation).
+    job_max_wait_s: float = Field(default=30.0, gt=0)
 
 
 class AutoscalingConfig(StrictModel):
@@ -127,9 +147,10 @@ class ReplicaConfig(StrictModel):
     memory_gib: float | None = Field(default=None, gt=0)
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: AutoscalingConfig | None = None
-    # Defaults to max_batch_size: a lower value would stop batches from filling.
-    max_ongoing_requests: int | None = Field(default=None, ge=1)
-    # Past this many waiting calls, clients get 503 with Retry-After.
+    # Batches a model replica holds at once. 1: it takes a batch only when it can start it,
+    # so calls wait, and batches grow, in the batching deployment.
+    max_ongoing_requests: int = Field(default=1, ge=1)
+    # Calls waiting in a batcher replica for a model replica; past it, 503 + Retry-After.
     max_queued_requests: int = Field(default=32, ge=1)
     # Node labels for Ray's (soft) placement; Kubernetes pins pods with nodeSelector.
     resources: dict[str, float] = Field(default_factory=dict)
@@ -148,6 +169,14 @@ class IngressConfig(StrictModel):
     # A request that takes longer gets 504, never a hang.
     request_timeout_s: float = Field(default=300.0, gt=0)
     retry_after_s: int = Field(default=5, ge=1)
+
+
+class BatcherConfig(StrictModel):
+    """The batching deployment (between ingress and model). It runs where the ingress runs
+    (ingress.resources): it is light, and every call passes through it."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.1, ge=0)
 
 
 class StoreConfig(StrictModel):
@@ -235,6 +264,7 @@ class AppConfig(StrictModel):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    batcher: BatcherConfig = Field(default_factory=BatcherConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
@@ -242,13 +272,6 @@ class AppConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
-        ongoing = self.replica.max_ongoing_requests
-        if ongoing is not None and ongoing < self.batching.max_batch_size:
-            raise ValueError(
-                f"replica.max_ongoing_requests ({ongoing}) must be >= "
-                f"batching.max_batch_size ({self.batching.max_batch_size}), "
-                "or batches can never fill"
-            )
         if self.model.dtype == "float16" and self.replica.num_gpus == 0:
             raise ValueError(
                 "model.dtype float16 needs a GPU (replica.num_gpus > 0); "
@@ -260,10 +283,6 @@ class AppConfig(StrictModel):
             if size not in self.limits.allowed_sizes:
                 raise ValueError(f"model.warmup_sizes has {size!r}, not in limits.allowed_sizes")
         return self
-
-    @property
-    def model_max_ongoing_requests(self) -> int:
-        return self.replica.max_ongoing_requests or self.batching.max_batch_size
 
     @property
     def batching_user_config(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ BATCHED_CALLS = "sdxl_batched_calls"
 QUEUE_WAIT = "sdxl_queue_wait_seconds"
 ENCODE_TIME = "sdxl_png_encode_seconds"
 ERRORS = "sdxl_errors"
+QUEUE_DEPTH = "sdxl_queue_depth"
+DROPPED_CALLS = "sdxl_dropped_calls"
 
 # name -> Prometheus type, for the dashboard test and the docs.
 METRICS: dict[str, str] = {
@@ -41,6 +43,8 @@ METRICS: dict[str, str] = {
     QUEUE_WAIT: "histogram",
     ENCODE_TIME: "histogram",
     ERRORS: "counter",
+    QUEUE_DEPTH: "gauge",
+    DROPPED_CALLS: "counter",
 }
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300]
@@ -64,7 +68,7 @@ def exported_names() -> set[str]:
 
 
 class ModelMetrics:
-    """Metrics of a model replica: images, pipeline latency, batch size, queue wait."""
+    """Metrics of a model replica: images and pipeline latency by size and steps."""
 
     def __init__(self) -> None:
         from ray.serve import metrics
@@ -75,26 +79,53 @@ class ModelMetrics:
         self.pipeline_latency = metrics.Histogram(
             PIPELINE_LATENCY, description="Seconds per pipeline call (one shape group).",
             boundaries=LATENCY_BUCKETS_S, tag_keys=("size", "steps"))
-        self.batch_size = metrics.Histogram(
-            BATCH_SIZE, description="Calls per Serve batch.", boundaries=BATCH_BUCKETS)
-        self.batched_calls = metrics.Counter(
-            BATCHED_CALLS, description="Calls that ran in Serve batches (sum of batch sizes).")
-        self.queue_wait = metrics.Histogram(
-            QUEUE_WAIT,
-            description="Seconds a call waited in the model replica before its batch ran.",
-            boundaries=WAIT_BUCKETS_S)
-
-    def record_batch(self, size: int, waits_s: list[float]) -> None:
-        self.batch_size.observe(size)
-        self.batched_calls.inc(size)
-        for wait in waits_s:
-            self.queue_wait.observe(max(wait, 0.0))
 
     def record_pipeline_call(self, width: int, height: int, steps: int, images: int,
                              seconds: float) -> None:
         tags = {"size": f"{width}x{height}", "steps": str(steps)}
         self.pipeline_latency.observe(seconds, tags=tags)
         self.images.inc(images, tags=tags)
+
+
+class BatcherMetrics:
+    """Metrics of the batching deployment: batch size, queue wait and depth by class (and
+    shape), calls dropped because their client left."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.batch_size = metrics.Histogram(
+            BATCH_SIZE, description="Calls per batch handed to a model replica.",
+            boundaries=BATCH_BUCKETS)
+        self.batched_calls = metrics.Counter(
+            BATCHED_CALLS, description="Calls handed to model replicas (sum of batch sizes).")
+        self.queue_wait = metrics.Histogram(
+            QUEUE_WAIT,
+            description="Seconds a call waited in the batcher before its batch was formed.",
+            boundaries=WAIT_BUCKETS_S, tag_keys=("class",))
+        self.queue_depth = metrics.Gauge(
+            QUEUE_DEPTH, description="Calls waiting in the batcher for a model replica.",
+            tag_keys=("class", "shape"))
+        self.dropped = metrics.Counter(
+            DROPPED_CALLS, description="Calls dropped before running, by reason.",
+            tag_keys=("reason",))
+        self._shapes_seen: set[tuple[str, str]] = set()
+
+    def record_batch(self, size: int, waits: list[tuple[str, float]]) -> None:
+        self.batch_size.observe(size)
+        self.batched_calls.inc(size)
+        for klass, wait in waits:
+            self.queue_wait.observe(max(wait, 0.0), tags={"class": klass})
+
+    def set_depth(self, depth: dict[tuple[str, str], int]) -> None:
+        # A (class, shape) that emptied is set to 0, not left at its last value.
+        self._shapes_seen.update(depth)
+        for klass, shape in self._shapes_seen:
+            self.queue_depth.set(depth.get((klass, shape), 0),
+                                 tags={"class": klass, "shape": shape})
+
+    def record_dropped(self, reason: str) -> None:
+        self.dropped.inc(tags={"reason": reason})
 
 
 class IngressMetrics:

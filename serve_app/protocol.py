@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
+# Interactive calls (/api/text2image) go before async-job calls in the batching deployment.
+Priority = Literal["interactive", "job"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class GenerationItem:
     count: int = 1
     # Set for async jobs: the replica records denoising steps done under this key.
     progress_key: str | None = None
+    priority: Priority = "interactive"
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
@@ -35,6 +38,17 @@ class GenerationItem:
     def image_seeds(self) -> list[int]:
         return [image_seed(self.seed, self.call_index, j) for j in range(self.count)]
 
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    """What the batching deployment hands a model replica: calls of one shape, run as one
+    pipeline call (split only if over the image cap)."""
+
+    calls: tuple[GenerationItem, ...]
+    # Calls still waiting in the batcher when this batch left: the replicas report it to
+    # the autoscaler, which scales on backlog as well as on ongoing batches.
+    backlog: int = 0
 
 
 @dataclass

@@ -50,7 +50,7 @@ from serve_app.jobs.records import (
 )
 from serve_app.jobs.runner import JobRunner, KeyedLocks
 from serve_app.metrics import ingress_metrics, record_error
-from serve_app.protocol import GenerationItem, ModelResult
+from serve_app.protocol import GenerationItem, ModelResult, Priority
 from serve_app.store import GRID_NAME, ImageStore, image_name
 from serve_app.tee import check_tee
 
@@ -91,11 +91,14 @@ _JOB_BODY_SCHEMA = _body_schema(JobRequest)
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress(JobRunner):
-    def __init__(self, model: Any, config: dict[str, Any]) -> None:
+    def __init__(self, batcher: Any, model: Any, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
         security = self.config.security
         self.tee = check_tee(security.require_tee, security.tee_probe)
         self.api_keys = ApiKeys.from_env(security.api_keys_env)
+        # Generation goes through the batching deployment; the model is asked only for its
+        # info (/readyz).
+        self.batcher = batcher
         self.model = model
         store_cfg = self.config.store
         self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
@@ -197,11 +200,12 @@ class Ingress(JobRunner):
                         base_url: str,
                         on_call_done: Callable[[int], None] | None = None,
                         progress_key: str | None = None,
-                        timings: dict[str, float] | None = None) -> dict[str, Any]:
+                        timings: dict[str, float] | None = None,
+                        priority: Priority = "interactive") -> dict[str, Any]:
         """timings, when given, receives where the time went (seconds): `pipeline` (the
         longest pipeline call inside a model replica), `model` (model calls as the ingress
         saw them: queue, hops, pipeline), `store` (PNG encoding and storage)."""
-        items = plan_calls(body, seed, progress_key)
+        items = plan_calls(body, seed, progress_key, priority)
         started = time.perf_counter()
         results = await self._run_calls(items, request_id, on_call_done)
         generation_s = time.perf_counter() - started
@@ -243,13 +247,19 @@ class Ingress(JobRunner):
             start = time.perf_counter()
             for attempt in range(REPLICA_LOST_RETRIES + 1):
                 try:
-                    result: ModelResult = await self.model.generate.remote(item)
+                    result: ModelResult = await self.batcher.generate.remote(item)
                     break
                 except (RayActorError, ActorUnavailableError):
+                    # The batcher replica died with the call (a model replica's death is
+                    # handled in the batcher, which queues the batch again).
                     if attempt == REPLICA_LOST_RETRIES:
                         raise
-                    logger.warning("request %s: model replica lost, retrying call %d",
+                    logger.warning("request %s: batcher replica lost, retrying call %d",
                                    request_id, item.call_index)
+            if result.error == "overloaded":
+                raise Overloaded("all model replicas are busy and the batching queue is full",
+                                 retry_after_s=self.config.ingress.retry_after_s,
+                                 request_id=request_id)
             if on_call_done is not None and result.error is None:
                 on_call_done(len(result.images))
             return result, time.perf_counter() - start
@@ -262,12 +272,10 @@ class Ingress(JobRunner):
             raise GenerationTimeout(
                 f"generation took longer than {self.config.ingress.request_timeout_s}s",
                 request_id=request_id) from None
-        except BackPressureError:
+        except Overloaded:
             for task in tasks:
-                task.cancel()
-            raise Overloaded("all model replicas are busy and their queues are full",
-                             retry_after_s=self.config.ingress.retry_after_s,
-                             request_id=request_id) from None
+                task.cancel()  # the request's other calls give their places back
+            raise
         except Exception as exc:
             for task in tasks:
                 task.cancel()

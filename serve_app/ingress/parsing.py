@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import TypeVar, overload
 
 from pydantic import ValidationError
 
 from serve_app.config import AppConfig, parse_size
 from serve_app.errors import InvalidRequest, PayloadTooLarge, field_of
 from serve_app.ingress.schemas import Text2ImageRequest
-from serve_app.protocol import GenerationItem
+from serve_app.protocol import GenerationItem, Priority
 
 MAX_BODY_BYTES = 64 * 1024
+
+RequestT = TypeVar("RequestT", bound=Text2ImageRequest)
 
 
 async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
@@ -30,10 +33,19 @@ async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
     return bytes(body)
 
 
+@overload
+def parse_request(body: bytes, config: AppConfig) -> Text2ImageRequest: ...
+
+
+@overload
+def parse_request(body: bytes, config: AppConfig, model: type[RequestT]) -> RequestT: ...
+
+
 def parse_request(body: bytes, config: AppConfig,
                   model: type[Text2ImageRequest] = Text2ImageRequest) -> Text2ImageRequest:
-    """Raw body -> validated request. The Content-Type is ignored on purpose: `curl -d`
-    sends application/x-www-form-urlencoded and the reference docs use exactly that."""
+    """Raw body -> validated request (of `model`, Text2ImageRequest or a subclass such as
+    JobRequest). The Content-Type is ignored on purpose: `curl -d` sends
+    application/x-www-form-urlencoded and the reference docs use exactly that."""
     if len(body) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
     try:
@@ -74,14 +86,14 @@ def parse_request(body: bytes, config: AppConfig,
     return request
 
 
-def plan_calls(request: Text2ImageRequest, seed: int,
-               progress_key: str | None = None) -> list[GenerationItem]:
+def plan_calls(request: Text2ImageRequest, seed: int, progress_key: str | None = None,
+               priority: Priority = "interactive") -> list[GenerationItem]:
     """`number` model calls of `batch` images each: the reference service's loop shape.
-    Separate calls may land on separate replicas and in separate batches."""
+    Separate calls may land in separate batches, on separate replicas."""
     width, height = parse_size(request.size)
     return [
         GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,
                        seed=seed, call_index=i, count=request.batch,
-                       progress_key=progress_key)
+                       progress_key=progress_key, priority=priority)
         for i in range(request.number)
     ]

@@ -138,8 +138,10 @@ class JobRunner:
             stop_beat = asyncio.Event()
             beat = asyncio.get_running_loop().create_task(heartbeat(stop_beat))
             try:
+                # Job calls wait behind interactive ones in the batching deployment.
                 record.result = await self._generate(body, record.id, record.seed, base_url,
-                                                     progress, progress_key=record.id)
+                                                     progress, progress_key=record.id,
+                                                     priority="job")
                 record.status = "succeeded"
                 record.progress.stepsDone = record.progress.stepsTotal
             except Overloaded as err:

@@ -1,7 +1,9 @@
-"""The model replica: a Ray Serve deployment that batches calls into pipeline runs.
+"""The model replica: runs the batches the batching deployment hands it, one at a time.
 
-torch and diffusers are imported inside the replica only (by the generator factory), so
-importing this module to build the application stays light.
+`max_ongoing_requests: 1` (app.py): a replica takes a batch only when it can start it, so
+the batcher's queue, not the replica's, is where calls wait and batches grow. torch and
+diffusers are imported inside the replica only (by the generator factory), so importing
+this module to build the application stays light.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.batching.autoscaling import BACKLOG_METRIC
 from serve_app.batching.policy import plan_pipeline_calls, scatter
-from serve_app.config import AppConfig, BatchingConfig
+from serve_app.config import AppConfig
 from serve_app.jobs.records import step_record_name
 from serve_app.metrics import ModelMetrics
 from serve_app.model.generator import ImageGenerator, load_factory
 from serve_app.model.step_progress import LatestValueWriter
-from serve_app.protocol import GenerationItem, ModelResult
+from serve_app.protocol import GenerationItem, ModelBatch, ModelResult
 from serve_app.store import ImageStore
 from serve_app.tee import check_tee
 
@@ -45,25 +48,19 @@ class Text2ImageModel:
         self.generator.info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
         self.generator.info["tee"] = tee
         # One worker thread: pipeline calls run one at a time, off the event loop, so the
-        # replica keeps accepting calls (which queue up into the next batch) meanwhile.
+        # replica still answers info() and health checks while it generates.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._pipeline_calls = 0
+        self._prompts: deque[str] = deque(maxlen=BATCH_HISTORY)
+        # (width, height, steps) of each call, per batch: what the batcher handed over.
+        self._batch_shapes: deque[list[tuple[int, int, int]]] = deque(maxlen=BATCH_HISTORY)
         self._progress: LatestValueWriter | None = None
-        # Until Serve calls reconfigure() with the deployment's user_config.
-        self._batching = self.config.batching
         self._metrics = ModelMetrics()
-        # id(call) -> when it reached this replica, for the queue-wait metric.
-        self._arrivals: dict[int, float] = {}
+        # Calls waiting in the batcher when this replica last took a batch (autoscaling).
+        self._backlog = 0
         logger.info("model replica ready in %.2fs: %s", time.perf_counter() - started,
                     self.generator.info)
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        batching = BatchingConfig.model_validate(user_config)
-        self._batching = batching
-        self._generate_batch.set_max_batch_size(batching.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        logger.info("batching set to %s", batching.model_dump())
 
     def _step_reporter(self, members: list[GenerationItem]) -> Callable[[int], None] | None:
         """For async jobs: denoising steps done, written to the store off the pipeline
@@ -88,24 +85,29 @@ class Text2ImageModel:
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self._batch_sizes), "pipeline_calls": self._pipeline_calls,
-                "batching": self._batching.model_dump()}
+                "prompts": list(self._prompts), "batch_shapes": list(self._batch_shapes)}
 
-    async def generate(self, call: GenerationItem) -> ModelResult:
-        """One call: `count` images of one prompt, as HxWx3 uint8 arrays."""
-        self._arrivals[id(call)] = time.perf_counter()
-        try:
-            return await self._generate_batch(call)
-        finally:
-            self._arrivals.pop(id(call), None)
+    async def slot(self) -> None:
+        """Nothing: it returns once this replica had a free slot, which is what the batcher
+        asks before it forms a batch while its others run."""
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
-    async def _generate_batch(self, items: list[GenerationItem]) -> list[ModelResult]:
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metric (batching/autoscaling.py): the batcher's backlog when
+        this replica took the batch it is running; 0 while idle (with calls waiting, no
+        replica stays idle)."""
+        per_batch = self.config.batching.max_batch_size
+        return {BACKLOG_METRIC: float(-(-self._backlog // per_batch))}
+
+    async def run_batch(self, batch: ModelBatch) -> list[ModelResult]:
+        """The batch's calls, in order: one pipeline call per shape and image cap (the
+        batcher forms batches of one shape within the cap, so normally exactly one)."""
+        items = list(batch.calls)
+        self._backlog = batch.backlog
         self._batch_sizes.append(len(items))
-        now = time.perf_counter()
-        self._metrics.record_batch(len(items),
-                                   [now - self._arrivals.get(id(it), now) for it in items])
+        self._prompts.extend(item.prompt for item in items)
+        self._batch_shapes.append([item.shape_key for item in items])
         loop = asyncio.get_running_loop()
-        groups = plan_pipeline_calls(items, self._batching.max_images_per_call)
+        groups = plan_pipeline_calls(items, self.config.batching.max_images_per_call)
         results: list[list[ModelResult]] = []
         for group in groups:
             members = [items[i] for i in group.indices]
@@ -126,4 +128,6 @@ class Text2ImageModel:
                                                sum(m.count for m in members), elapsed)
             results.append([ModelResult(images=imgs, pipeline_s=elapsed, batch_size=len(items))
                             for imgs in images])
+        # Idle until the next batch: nothing is waiting for this replica.
+        self._backlog = 0
         return scatter(groups, results, len(items))

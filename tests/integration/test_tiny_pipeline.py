@@ -98,11 +98,13 @@ def test_same_seed_gives_the_same_bytes(tiny_app):
 def test_concurrent_requests_are_batched(tiny_app):
     from ray import serve
 
+    batcher = serve.get_deployment_handle("Batcher", app_name="tiny")
     model = serve.get_deployment_handle("Text2ImageModel", app_name="tiny")
+    # args.batching reached the batcher as user_config, through reconfigure().
+    assert batcher.stats.remote().result()["batching"] == {
+        "max_batch_size": 8, "batch_wait_timeout_s": 0.5, "max_images_per_call": 8,
+        "job_max_wait_s": 30.0}
     before = model.stats.remote().result()
-    # args.batching reached the replica as user_config, through reconfigure().
-    assert before["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.5,
-                                  "max_images_per_call": 8}
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(
             lambda i: post(tiny_app, {"prompt": f"prompt {i}", "step": 2, "seed": i}),
@@ -113,10 +115,13 @@ def test_concurrent_requests_are_batched(tiny_app):
     assert sum(new_batches) == 8
     assert len(new_batches) < 8
     assert max(new_batches) > 1
+    # One shape per batch: each batch is exactly one pipeline call.
     assert after["pipeline_calls"] - before["pipeline_calls"] == len(new_batches)
 
 
-def test_mixed_shapes_in_one_batch_run_as_separate_pipeline_calls(tiny_app):
+def test_mixed_shapes_never_share_a_batch(tiny_app):
+    """Calls of two step counts arrive together: the batcher forms batches of one shape
+    (a mixed batch would run its shapes one after another, the short ones waiting)."""
     from ray import serve
 
     model = serve.get_deployment_handle("Text2ImageModel", app_name="tiny")
@@ -127,11 +132,11 @@ def test_mixed_shapes_in_one_batch_run_as_separate_pipeline_calls(tiny_app):
         responses = list(pool.map(lambda b: post(tiny_app, b), bodies))
     assert [r.status_code for r in responses] == [200] * 8
     after = model.stats.remote().result()
-    batches = after["batch_sizes"][len(before["batch_sizes"]):]
-    calls = after["pipeline_calls"] - before["pipeline_calls"]
-    assert sum(batches) == 8
-    # A batch holding both step counts costs two pipeline calls, never one.
-    assert len(batches) <= calls <= 2 * len(batches)
+    shapes = after["batch_shapes"][len(before["batch_shapes"]):]
+    assert sorted(step for batch in shapes for (_, _, step) in batch) == [1] * 4 + [2] * 4
+    assert [len(set(map(tuple, batch))) for batch in shapes] == [1] * len(shapes)
+    assert max(len(batch) for batch in shapes) > 1  # batching did happen
+    assert after["pipeline_calls"] - before["pipeline_calls"] == len(shapes)
     for response, body in zip(responses, bodies):
         assert response.json()["meta"]["input"]["step"] == body["step"]
 

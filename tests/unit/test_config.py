@@ -7,7 +7,11 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import ingress_deployment_options, model_deployment_options
+from serve_app.app import (
+    batcher_deployment_options,
+    ingress_deployment_options,
+    model_deployment_options,
+)
 from serve_app.config import AppConfig, BatchingConfig, parse_size
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
@@ -19,7 +23,9 @@ def test_defaults_are_the_local_quick_start():
     assert config.model.dtype == "auto"
     assert config.store.url == f"{tempfile.gettempdir()}/sdxl-turbo-serve-{os.getuid()}/sdxl-turbo"
     assert config.batching.batch_wait_timeout_s == 0.0
-    assert config.model_max_ongoing_requests == config.batching.max_batch_size == 4
+    assert config.batching.max_batch_size == 4
+    # A model replica takes one batch at a time: calls wait, and batch, in the batcher.
+    assert config.replica.max_ongoing_requests == 1
 
 
 def test_unknown_keys_are_rejected():
@@ -28,10 +34,22 @@ def test_unknown_keys_are_rejected():
     assert info.value.errors()[0]["loc"] == ("batching", "max_batch")
 
 
-def test_max_ongoing_below_batch_size_is_rejected():
-    with pytest.raises(ValidationError, match="must be >= batching.max_batch_size"):
-        AppConfig.model_validate(
-            {"batching": {"max_batch_size": 8}, "replica": {"max_ongoing_requests": 4}})
+def test_the_batcher_holds_the_queue_and_the_batching_settings():
+    config = AppConfig.model_validate({
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "replica": {"max_queued_requests": 10},
+        "ingress": {"resources": {"ingress": 1}},
+        "batcher": {"num_replicas": 2},
+    })
+    options = batcher_deployment_options(config)
+    assert options["num_replicas"] == 2
+    # On the ingress pods, beside the ingress.
+    assert options["ray_actor_options"] == {"num_cpus": 0.1, "resources": {"ingress": 1}}
+    # Every waiting call is an ongoing request there; the 503 limit is its own queue's.
+    assert options["max_ongoing_requests"] == 100_000
+    assert options["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05,
+                                      "max_images_per_call": 8, "job_max_wait_s": 30.0}
+    assert model_deployment_options(config)["max_ongoing_requests"] == 1
 
 
 def test_float16_without_gpu_is_rejected():
@@ -66,10 +84,12 @@ def test_model_options_follow_the_config():
     })
     options = model_deployment_options(config)
     assert options["ray_actor_options"] == {"num_cpus": 14, "memory": 20 * 1024**3}
-    assert options["max_ongoing_requests"] == 8
-    assert options["max_queued_requests"] == 10
-    assert options["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05,
-                                      "max_images_per_call": 8}
+    assert options["max_ongoing_requests"] == 1
+    # At most one formed batch per batcher replica waits at the model's router.
+    assert options["max_queued_requests"] == -1
+    assert "user_config" not in options  # batching is the batcher's
+    assert options["autoscaling_config"]["policy"] == {
+        "policy_function": "serve_app.batching.autoscaling:backlog_policy"}
     assert options["autoscaling_config"]["min_replicas"] == 0
     assert options["autoscaling_config"]["initial_replicas"] == 1
     assert options["autoscaling_config"]["max_replicas"] == 3
@@ -100,13 +120,12 @@ def test_every_config_file_validates(path):
         assert application["import_path"] == "serve_app.app:build_app"
         # Deployment options are derived from args by build_app; a config that also sets
         # them in `deployments:` could silently disagree. The one override allowed is the
-        # model's user_config: live batching changes, validated by reconfigure().
+        # batcher's user_config: live batching changes, validated by reconfigure().
         for deployment in application.get("deployments", []):
-            assert deployment["name"] == "Text2ImageModel"
+            assert deployment["name"] == "Batcher"
             assert set(deployment) == {"name", "user_config"}
             BatchingConfig.model_validate(deployment["user_config"])
-        config = AppConfig.model_validate(application["args"])
-        assert config.model_max_ongoing_requests >= config.batching.max_batch_size
+        AppConfig.model_validate(application["args"])
 
 
 def test_the_default_image_store_is_per_application():

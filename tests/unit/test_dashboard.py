@@ -72,8 +72,8 @@ def test_dashboard_is_valid_grafana_json():
     assert titles == [
         "Request volume", "Success rate", "4xx / 5xx", "Latency P50 / P90 / P95 / P99",
         "Replicas", "Images generated", "Pipeline latency by size and steps", "Batch size",
-        "Queue wait in the replica", "Pipeline calls per replica", "PNG encode time",
-        "Errors by code",
+        "Queue wait in the batcher", "Pipeline calls per replica", "PNG encode time",
+        "Errors by code", "Queue depth by class and shape", "Calls dropped before running",
     ]
     for panel in panels:
         assert panel["targets"], panel["title"]

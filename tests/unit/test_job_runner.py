@@ -36,7 +36,9 @@ class Runner(JobRunner):
         self._running_jobs = {}
 
     async def _generate(self, body, request_id, seed, base_url, on_call_done=None,
-                        progress_key=None):
+                        progress_key=None, priority="interactive"):
+        # Job calls wait behind interactive ones in the batching deployment.
+        assert (progress_key, priority) == (request_id, "job")
         await asyncio.sleep(0.5)  # a heartbeat write (0.40 s to 0.70 s) is in flight at the end
         on_call_done(1)
         return {"id": request_id, "output": []}

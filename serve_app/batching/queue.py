@@ -1,0 +1,124 @@
+"""The batching deployment's queue: which waiting calls run together, and in what order.
+
+Plain Python (no Ray, no asyncio beyond futures), so the order rules are tested directly:
+
+* A batch holds calls of one shape (width, height, steps) and one priority class, at most
+  `max_batch_size` calls and `max_images_per_call` images (a single call larger than the
+  image cap runs alone: requests are validated against it up front).
+* Interactive calls go before async-job calls. A job call that has waited
+  `job_max_wait_s` is served as if interactive, so a steady interactive stream cannot
+  starve jobs for ever.
+* Within a class the batch is built around the oldest waiting call (first come, first
+  served across shapes), and takes that shape's other calls in arrival order: no shape and
+  no call waits behind later arrivals of its class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from serve_app.config import BatchingConfig
+from serve_app.protocol import GenerationItem, ModelResult
+
+CLASSES = ("interactive", "job")
+
+
+class QueueFull(Exception):
+    """More calls are waiting than the batcher takes (replica.max_queued_requests)."""
+
+
+@dataclass(eq=False)
+class Pending:
+    call: GenerationItem
+    arrived: float
+    seq: int
+    future: asyncio.Future[ModelResult]
+    # Times its batch was lost with a model replica and the call was queued again.
+    attempts: int = 0
+
+    @property
+    def images(self) -> int:
+        return self.call.count
+
+
+@dataclass
+class BatchQueue:
+    config: BatchingConfig
+    max_waiting: int
+    # A job call waiting this long is served at interactive priority.
+    job_max_wait_s: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    _waiting: list[Pending] = field(default_factory=list)
+    _seq: itertools.count = field(default_factory=itertools.count)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, call: GenerationItem, future: asyncio.Future[ModelResult]) -> Pending:
+        if len(self._waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self._waiting)} calls waiting")
+        pending = Pending(call, self.clock(), next(self._seq), future)
+        self._waiting.append(pending)
+        return pending
+
+    def oldest_arrival(self) -> float | None:
+        return min((p.arrived for p in self._waiting), default=None)
+
+    def remove(self, pending: Pending) -> bool:
+        """Take a call out before its batch started (its client left). False if gone."""
+        try:
+            self._waiting.remove(pending)
+        except ValueError:
+            return False
+        return True
+
+    def requeue(self, batch: list[Pending]) -> None:
+        """Calls whose batch was lost (model replica died) wait again in their original
+        place: they keep their arrival order and priority."""
+        for pending in batch:
+            pending.attempts += 1
+        self._waiting.extend(batch)
+        self._waiting.sort(key=lambda p: p.seq)
+
+    def _effective_class(self, pending: Pending, now: float) -> int:
+        if pending.call.priority == "job" and now - pending.arrived < self.job_max_wait_s:
+            return 1
+        return 0
+
+    def next_batch(self) -> list[Pending]:
+        """The calls to run next (removed from the queue); empty when none wait."""
+        if not self._waiting:
+            return []
+        now = self.clock()
+        # The oldest call of the most urgent class leads; the list is in arrival order.
+        lead = min(self._waiting, key=lambda p: (self._effective_class(p, now), p.seq))
+        lead_class = self._effective_class(lead, now)
+        batch = [lead]
+        images = lead.images
+        for pending in self._waiting:
+            if len(batch) >= self.config.max_batch_size:
+                break
+            if (pending is lead or pending.call.shape_key != lead.call.shape_key
+                    or self._effective_class(pending, now) != lead_class):
+                continue
+            if images + pending.images > self.config.max_images_per_call:
+                continue
+            batch.append(pending)
+            images += pending.images
+        batch.sort(key=lambda p: p.seq)
+        taken = set(map(id, batch))
+        self._waiting = [p for p in self._waiting if id(p) not in taken]
+        return batch
+
+    def depth(self) -> dict[tuple[str, str], int]:
+        """Waiting calls by (class, "WxH/steps"), for the queue-depth gauge."""
+        counts: dict[tuple[str, str], int] = {}
+        for pending in self._waiting:
+            call = pending.call
+            key = (call.priority, f"{call.width}x{call.height}/{call.steps}")
+            counts[key] = counts.get(key, 0) + 1
+        return counts

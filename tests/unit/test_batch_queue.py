@@ -1,0 +1,120 @@
+"""The batching deployment's order rules, on its plain queue."""
+
+import asyncio
+
+import pytest
+
+from serve_app.batching.queue import BatchQueue, QueueFull
+from serve_app.config import BatchingConfig
+from serve_app.protocol import GenerationItem
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def call(name, size=512, steps=4, count=1, priority="interactive"):
+    return GenerationItem(name, size, size, steps, seed=1, count=count, priority=priority)
+
+
+def make(max_batch_size=4, max_images=8, max_waiting=100, job_max_wait_s=30.0):
+    clock = Clock()
+    loop = asyncio.new_event_loop()
+    queue = BatchQueue(BatchingConfig(max_batch_size=max_batch_size,
+                                      max_images_per_call=max_images),
+                       max_waiting=max_waiting, job_max_wait_s=job_max_wait_s, clock=clock)
+
+    def add(item, at=None):
+        if at is not None:
+            clock.now = at
+        return queue.add(item, loop.create_future())
+    return queue, add, clock
+
+
+def names(batch):
+    return [p.call.prompt for p in batch]
+
+
+def test_a_batch_never_mixes_shapes_and_follows_the_oldest_call():
+    queue, add, _ = make()
+    for name, size, steps in [("a", 512, 4), ("B", 1024, 4), ("c", 512, 4), ("d", 512, 1),
+                              ("E", 1024, 4), ("f", 512, 4)]:
+        add(call(name, size, steps))
+    batches = []
+    while batch := queue.next_batch():
+        assert len({p.call.shape_key for p in batch}) == 1
+        batches.append(names(batch))
+    # Oldest first: a's shape (with c, f), then B's (with E), then d's.
+    assert batches == [["a", "c", "f"], ["B", "E"], ["d"]]
+
+
+def test_interactive_calls_go_before_older_job_calls():
+    queue, add, _ = make()
+    add(call("job1", priority="job"), at=0.0)
+    add(call("job2", priority="job"), at=1.0)
+    add(call("live", size=1024), at=2.0)
+    add(call("live2"), at=3.0)
+    assert names(queue.next_batch()) == ["live"]
+    assert names(queue.next_batch()) == ["live2"]  # not batched with the same-shape jobs
+    assert names(queue.next_batch()) == ["job1", "job2"]
+    assert queue.next_batch() == []
+
+
+def test_a_job_waiting_past_its_limit_is_served_as_interactive():
+    queue, add, clock = make(job_max_wait_s=10.0)
+    add(call("old-job", size=1024, priority="job"), at=0.0)
+    add(call("live"), at=5.0)
+    clock.now = 9.0
+    assert names(queue.next_batch()) == ["live"]
+    add(call("live-later"), at=9.5)
+    clock.now = 10.5  # old-job has waited 10.5 s: it is served first, being older
+    assert names(queue.next_batch()) == ["old-job"]
+    assert names(queue.next_batch()) == ["live-later"]
+
+
+def test_batches_respect_the_call_and_image_caps():
+    queue, add, _ = make(max_batch_size=3, max_images=4)
+    for i, count in enumerate([2, 1, 2, 1, 1, 4]):
+        add(call(f"c{i}", count=count))
+    assert names(queue.next_batch()) == ["c0", "c1", "c3"]  # 2+1+1: c2 would make 5
+    assert names(queue.next_batch()) == ["c2", "c4"]
+    assert names(queue.next_batch()) == ["c5"]
+
+
+def test_a_lost_batch_is_queued_again_in_its_place():
+    queue, add, _ = make(max_batch_size=2)
+    for name in "abcd":
+        add(call(name))
+    first = queue.next_batch()
+    assert names(first) == ["a", "b"]
+    add(call("e"))
+    queue.requeue(first)
+    assert [p.attempts for p in first] == [1, 1]
+    assert names(queue.next_batch()) == ["a", "b"]
+    assert names(queue.next_batch()) == ["c", "d"]
+
+
+def test_removed_calls_never_run_and_full_queues_refuse():
+    queue, add, _ = make(max_waiting=2)
+    gone = add(call("gone"))
+    add(call("kept"))
+    with pytest.raises(QueueFull):
+        add(call("third"))
+    assert queue.remove(gone) is True
+    assert queue.remove(gone) is False
+    assert names(queue.next_batch()) == ["kept"]
+    assert len(queue) == 0
+
+
+def test_depth_by_class_and_shape():
+    queue, add, _ = make()
+    add(call("a"))
+    add(call("b", priority="job"))
+    add(call("c", size=1024, steps=1, priority="job"))
+    add(call("d", priority="job"))
+    assert queue.depth() == {("interactive", "512x512/4"): 1, ("job", "512x512/4"): 2,
+                             ("job", "1024x1024/1"): 1}
