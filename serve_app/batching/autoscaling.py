@@ -32,4 +32,8 @@ def backlog_policy(ctx: AutoscalingContext) -> tuple[int | float, dict[str, Any]
     # AutoscalingContext has no public way to change the request count it reports.
     adjusted._total_num_requests_value = ctx.total_num_requests + waiting
     adjusted.__dict__.pop("total_num_requests", None)  # its cached_property value
-    return replica_queue_length_autoscaling_policy(adjusted)
+    desired, state = replica_queue_length_autoscaling_policy(adjusted)
+    # Within the deployment's bounds, whatever the backlog.
+    bounded = min(max(desired, ctx.capacity_adjusted_min_replicas),
+                  ctx.capacity_adjusted_max_replicas)
+    return bounded, state
