@@ -80,6 +80,10 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     from diffusers import StableDiffusionXLPipeline
 
     model_cfg = config.model
+    if model_cfg.backend == "openvino":
+        from serve_app.model.openvino.runtime import load_openvino_generator
+
+        return load_openvino_generator(config)
     # Threads follow the replica's CPU count, not the host's core count.
     torch.set_num_threads(config.replica.num_cpus)
     device, choice = device_and_dtype(config.replica.num_gpus, model_cfg.dtype)

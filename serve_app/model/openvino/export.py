@@ -1,0 +1,342 @@
+"""Export the pipeline's networks to OpenVINO IR: `sdxl-turbo-export`, and the subprocess a
+replica runs when the cache has no IR for its key.
+
+Memory is bounded by exporting one network at a time: each is loaded from the model's
+directory on its own, converted (`openvino.convert_model` traces it with a small example
+input; batch, latent height/width and the prompt's length stay dynamic), optionally
+compressed to int8 weights (`nncf.compress_weights`), saved, and freed before the next one.
+A replica runs this in a child process, so whatever the conversion allocated is returned to
+the system when the child exits; the replica itself never holds the torch weights.
+
+The IR keeps the dtype's weights: f32 for float32; for bfloat16 the weights are stored as
+f16 (`compress_to_fp16`, half the disk; the CPU plugin converts them to its inference
+precision, bf16 there, at compile time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from serve_app.model.openvino.cache import (
+    MARKER,
+    NETWORKS,
+    ExportSpec,
+    cache_root,
+    entry_name,
+    export_lock,
+    is_complete,
+    key_material,
+    require_writable,
+)
+
+logger = logging.getLogger(__name__)
+
+Exporter = Callable[[ExportSpec, Path], None]
+
+
+def _example_latent_side(up_blocks: int) -> int:
+    """A latent side the UNet's up-sampling path divides evenly (it traces that branch)."""
+    factor = 2 ** max(up_blocks - 1, 0)
+    return max(16, factor)
+
+
+def _convert_text_encoder(model_dir: str, name: str) -> tuple[Any, dict[str, Any]]:
+    import openvino as ov
+    import torch
+    import transformers
+
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    cls = getattr(transformers, index[name][1])
+    encoder = cls.from_pretrained(model_dir, subfolder=name, dtype=torch.float32).eval()
+
+    class TextEncoder(torch.nn.Module):
+        """input_ids -> (output 0, hidden_states[-2], hidden_states[-1]): what
+        StableDiffusionXLPipeline.encode_prompt reads (output 0 is the pooled projection
+        for CLIPTextModelWithProjection)."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor):
+            out = self.inner(input_ids, output_hidden_states=True)
+            return out[0], out.hidden_states[-2], out.hidden_states[-1]
+
+    length = int(encoder.config.max_position_embeddings)
+    config = {"projection_dim": getattr(encoder.config, "projection_dim", None),
+              "hidden_size": encoder.config.hidden_size}
+    with torch.no_grad():
+        model = ov.convert_model(TextEncoder(encoder),
+                                 example_input=(torch.ones(1, length, dtype=torch.long),),
+                                 input=[([-1, -1], ov.Type.i64)])
+    return model, config
+
+
+def _convert_unet(model_dir: str) -> tuple[Any, dict[str, Any]]:
+    import openvino as ov
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet",
+                                                dtype=torch.float32).eval()
+    cfg = unet.config
+    if cfg.time_cond_proj_dim is not None:
+        raise ValueError("OpenVINO export: UNets with time_cond_proj_dim (LCM guidance "
+                         "embedding) are not supported")
+    if cfg.addition_embed_type != "text_time":
+        raise ValueError(f"OpenVINO export: expected an SDXL UNet (addition_embed_type "
+                         f"'text_time'), got {cfg.addition_embed_type!r}")
+    add_in = int(unet.add_embedding.linear_1.in_features)
+    time_ids = 6
+    pooled = add_in - time_ids * int(cfg.addition_time_embed_dim)
+
+    class UNet(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+            return self.inner(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs={"text_embeds": text_embeds,
+                                                 "time_ids": time_ids},
+                              return_dict=False)[0]
+
+    side = _example_latent_side(len(cfg.block_out_channels))
+    channels = int(cfg.in_channels)
+    context = int(cfg.cross_attention_dim)
+    example = (torch.randn(1, channels, side, side), torch.tensor([999.0]),
+               torch.randn(1, 77, context), torch.randn(1, pooled), torch.randn(1, time_ids))
+    shapes = [([-1, channels, -1, -1], ov.Type.f32), ([-1], ov.Type.f32),
+              ([-1, -1, context], ov.Type.f32), ([-1, pooled], ov.Type.f32),
+              ([-1, time_ids], ov.Type.f32)]
+    config = dict(cfg)
+    config["add_embedding_in_features"] = add_in
+    with torch.no_grad():
+        model = ov.convert_model(UNet(unet), example_input=example, input=shapes)
+    return model, config
+
+
+def _convert_vae_decoder(model_dir: str) -> tuple[Any, dict[str, Any]]:
+    import openvino as ov
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32).eval()
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:  # AutoencoderKL (diffusers is untyped here)
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, latents):
+            return self.inner.decode(latents, return_dict=False)[0]
+
+    channels = int(vae.config.latent_channels)
+    with torch.no_grad():
+        model = ov.convert_model(Decoder(vae), example_input=(torch.randn(1, channels, 16, 16),),
+                                 input=[([-1, channels, -1, -1], ov.Type.f32)])
+    return model, dict(vae.config)
+
+
+CONVERTERS: dict[str, Callable[[str], tuple[Any, dict[str, Any]]]] = {
+    "text_encoder": lambda d: _convert_text_encoder(d, "text_encoder"),
+    "text_encoder_2": lambda d: _convert_text_encoder(d, "text_encoder_2"),
+    "unet": _convert_unet,
+    "vae_decoder": _convert_vae_decoder,
+}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def export_ir(spec: ExportSpec, target: Path, material: dict[str, Any] | None = None) -> None:
+    """Export every network into `target` (in this process). Writes a staging directory
+    beside it and renames it into place; `export.json` marks it complete."""
+    import openvino as ov
+    import torch
+
+    material = key_material(spec) if material is None else material
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{target.name}-", dir=target.parent))
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    configs: dict[str, Any] = {}
+    try:
+        for name in NETWORKS:
+            stage = time.perf_counter()
+            with warnings.catch_warnings():
+                # The tracer's "Python boolean" warnings: shape checks and branches taken as
+                # constants. The one that matters (the UNet's up-sampling branch on latent
+                # sizes) is covered by runtime.check_sizes.
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                model, configs[name] = CONVERTERS[name](spec.model_dir)
+            gc.collect()  # the torch module is gone with the converter's frame
+            if spec.weights == "int8":
+                import nncf
+
+                model = nncf.compress_weights(model)
+            ov.save_model(model, staging / f"{name}.xml",
+                          compress_to_fp16=spec.dtype == "bfloat16")
+            del model
+            gc.collect()
+            seconds[name] = round(time.perf_counter() - stage, 3)
+            logger.info("exported %s in %.1fs (peak RSS %.0f MiB)", name, seconds[name],
+                        _peak_rss_mib())
+        (staging / "configs.json").write_text(json.dumps(configs, indent=1, default=list))
+        (staging / "key.json").write_text(json.dumps(material, indent=1, sort_keys=True))
+        (staging / MARKER).write_text(json.dumps({
+            "spec": json.loads(spec.to_json()),
+            "seconds": dict(seconds, total=round(time.perf_counter() - started, 3)),
+            "peak_rss_mib": round(_peak_rss_mib()),
+            "pid": os.getpid(),
+        }, indent=1))
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not is_complete(target):
+                raise
+            logger.info("%s was exported meanwhile by another process; keeping that one",
+                        target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_in_subprocess(spec: ExportSpec, target: Path) -> None:
+    """export_ir in a child Python: its memory is the child's, freed when it exits."""
+    # The directory holding serve_app (a namespace package: no serve_app.__file__).
+    package_parent = str(Path(__file__).resolve().parents[3])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH"))
+                                        if p)
+    command = [sys.executable, "-m", "serve_app.model.openvino.export",
+               "--spec", spec.to_json(), "--target", str(target)]
+    logger.info("OpenVINO IR %s not cached: exporting in a subprocess", target)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        logger.info("export: %s", line)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else "no output"
+        raise RuntimeError(f"OpenVINO export of {spec.source} failed (exit code "
+                           f"{proc.returncode}): {last}")
+
+
+def ensure_ir(spec: ExportSpec, configured_root: str | None,
+              export: Exporter = export_in_subprocess) -> tuple[Path, bool]:
+    """The IR directory for `spec`, exporting it first if the cache has none.
+    Returns (directory, whether this call exported it)."""
+    root = cache_root(spec.model_dir, configured_root)
+    material = key_material(spec)
+    entry = root / entry_name(material)
+    if is_complete(entry):
+        return entry, False
+    require_writable(root, entry.name)
+    with export_lock(root, entry.name):
+        if is_complete(entry):  # another replica exported it while this one waited
+            return entry, False
+        export(spec, entry)
+    if not is_complete(entry):
+        raise RuntimeError(f"OpenVINO export finished but {entry} is incomplete")
+    return entry, True
+
+
+def _serve_args(path: str, app: str | None) -> dict[str, Any]:
+    """A Serve config file's application args (by name, or the only one), or a plain args
+    file (`model: ...` at the top)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    apps = data.get("applications")
+    if apps is None:
+        return data
+    if app is not None:
+        apps = [a for a in apps if a.get("name") == app]
+    if len(apps) != 1:
+        names = [a.get("name") for a in data["applications"]]
+        raise SystemExit(f"{path}: pick one application with --app (have {names})")
+    return apps[0].get("args") or {}
+
+
+def spec_from_config(config: Any, dtype: str) -> ExportSpec:
+    from serve_app.model.source import resolve_model_dir
+
+    model = config.model
+    model_dir = resolve_model_dir(model.source, model.revision, model.cache_dir)
+    return ExportSpec(source=model.source, revision=model.revision,
+                      model_dir=str(model_dir), dtype=dtype, weights=model.openvino.weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sdxl-turbo-export",
+        description="Export the model's networks to OpenVINO IR in the cache replicas read "
+                    "(model.backend: openvino). Exports once per model, versions and options.")
+    parser.add_argument("--config", help="Serve config file (configs/*.yaml) or an args file")
+    parser.add_argument("--app", help="application name in the Serve config")
+    parser.add_argument("--source", help="model.source (overrides the config)")
+    parser.add_argument("--model-cache-dir", help="model.cache_dir (embedded model)")
+    parser.add_argument("--cache-dir", help="model.openvino.cache_dir")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                        help="model.dtype; auto resolves on THIS machine's CPU: export for "
+                             "replicas on other CPUs with their dtype")
+    parser.add_argument("--weights", choices=["dtype", "int8"], help="model.openvino.weights")
+    # Internal: the replica's subprocess.
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.spec:
+        export_ir(ExportSpec.from_json(args.spec), Path(args.target))
+        return 0
+
+    from serve_app.config import load_config
+    from serve_app.model import cpu
+
+    raw = _serve_args(args.config, args.app) if args.config else {}
+    model = dict(raw.get("model") or {})
+    openvino = dict(model.get("openvino") or {})
+    for key, value in (("source", args.source), ("cache_dir", args.model_cache_dir),
+                       ("dtype", args.dtype)):
+        if value is not None:
+            model[key] = value
+    if args.cache_dir is not None:
+        openvino["cache_dir"] = args.cache_dir
+    if args.weights is not None:
+        openvino["weights"] = None if args.weights == "dtype" else args.weights
+    model["openvino"] = openvino
+    model["backend"] = "openvino"
+    config = load_config({**raw, "model": model})
+    choice = cpu.choose_dtype(config.model.dtype, "cpu", cpu.host())
+    spec = spec_from_config(config, choice.name)
+    started = time.perf_counter()
+    try:
+        entry, exported = ensure_ir(spec, config.model.openvino.cache_dir, export=export_ir)
+    except Exception as exc:
+        print(f"sdxl-turbo-export: {exc}", file=sys.stderr)
+        return 1
+    if exported:
+        print(f"exported {entry} ({choice.name}: {choice.reason}) in "
+              f"{time.perf_counter() - started:.1f}s")
+    else:
+        print(f"already cached: {entry}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
