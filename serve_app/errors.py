@@ -154,9 +154,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if errors := exc.errors():
+            message, loc = str(errors[0]["msg"]), tuple(errors[0]["loc"])
+        else:
+            message, loc = "invalid request", ()
         record_error(InvalidRequest.code)
-        return to_response(InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))))
+        return to_response(InvalidRequest(message, field=field_of(loc)))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

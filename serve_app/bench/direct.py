@@ -51,7 +51,7 @@ class StageTimer:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             with self.stage(name):
                 return fn(*args, **kwargs)
-        wrapped._bench_inner = fn
+        wrapped._bench_inner = fn  # type: ignore[attr-defined]
         return wrapped
 
 
@@ -265,8 +265,9 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
     }
     images: dict[str, list[np.ndarray]] = {}
     optimized = False
-    common = dict(repeat=repeat, batch=batch, steps=steps, height=height, width=width,
-                  prompt=prompt, seed=seed, warmup=warmup, timer=timer)
+    common: dict[str, Any] = dict(repeat=repeat, batch=batch, steps=steps, height=height,
+                                  width=width, prompt=prompt, seed=seed, warmup=warmup,
+                                  timer=timer)
     for backend in backends:
         entry: dict[str, Any] = {}
         if backend == "eager":
@@ -445,8 +446,8 @@ def run_sweep(*, model: str, backend: str, sizes: list[tuple[int, int]], steps_l
         result["applied"], result["skipped"] = report.applied, report.skipped
         result["optimize_s"] = time.perf_counter() - stage
         instrument(pipe, timer, encode=False)
-    common = dict(repeat=repeat, prompt=prompt, seed=seed, warmup=warmup, timer=timer,
-                  progress=progress, label=backend)
+    common: dict[str, Any] = dict(repeat=repeat, prompt=prompt, seed=seed, warmup=warmup,
+                                  timer=timer, progress=progress, label=backend)
     if latency_grid:
         for width, height in sizes:
             for steps in steps_list:

@@ -45,23 +45,29 @@ class ReadinessProbe:
         """Ask now, in the background (from the ingress's start-up: the first call through a
         Serve handle sets up its router, which should not happen inside a probe)."""
         if self._pending is None:
-            self._pending = asyncio.ensure_future(self._ask())
-            self._asked_at = self._clock()
+            self._ask_now()
+
+    def _ask_now(self) -> asyncio.Future:
+        self._pending = pending = asyncio.ensure_future(self._ask())
+        self._asked_at = self._clock()
+        return pending
 
     async def check(self) -> Readiness:
         if self._pending is not None and self._clock() - self._asked_at > self.give_up_s:
             self._pending.cancel()
             self._pending = None
         wait = 0.0
-        if self._pending is None:
-            self.start()
+        pending = self._pending
+        if pending is None:
+            pending = self._ask_now()
             wait = self.wait_s
-        done, _ = await asyncio.wait({self._pending}, timeout=wait)
+        done, _ = await asyncio.wait({pending}, timeout=wait)
         if not done:
             return self._waiting()
-        task, self._pending = self._pending, None
+        if self._pending is pending:
+            self._pending = None
         try:
-            info = task.result()
+            info = pending.result()
         except self._busy_errors:
             return self._waiting()
         except Exception as exc:

@@ -13,6 +13,10 @@ from torch import nn
 
 from serve_app.model.optimize.packed import PackedLinear
 
+# diffusers' Attention: its attributes (heads, to_q, to_out, norms, our cpu_qkv) are only
+# known at run time, so they are not type-checked.
+AttentionModule = Any
+
 
 class CpuAttnProcessor:
     """AttnProcessor2_0 for plain UNet attention: fused QKV, no no-op rescale pass.
@@ -32,13 +36,13 @@ class CpuAttnProcessor:
         self._cross_kv: tuple[weakref.ref, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
-    def handles(attn: nn.Module) -> bool:
+    def handles(attn: AttentionModule) -> bool:
         return (attn.spatial_norm is None and attn.group_norm is None
                 and attn.norm_q is None and attn.norm_k is None
                 and not attn.residual_connection and not attn.is_cross_attention
                 and isinstance(attn.to_q, nn.Linear | PackedLinear))
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,
+    def __call__(self, attn: AttentionModule, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  temb: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -62,7 +66,7 @@ class CpuAttnProcessor:
             out = out / attn.rescale_output_factor
         return out
 
-    def _key_value(self, attn: nn.Module, hidden_states: torch.Tensor,
+    def _key_value(self, attn: AttentionModule, hidden_states: torch.Tensor,
                    encoder_hidden_states: torch.Tensor | None,
                    batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._cross_kv
@@ -84,7 +88,7 @@ class CpuAttnProcessor:
             self._cross_kv = None
 
 
-def _attention_modules(module: nn.Module) -> Iterator[nn.Module]:
+def _attention_modules(module: nn.Module) -> Iterator[AttentionModule]:
     from diffusers.models.attention_processor import Attention
 
     for sub in module.modules():
@@ -95,7 +99,9 @@ def _attention_modules(module: nn.Module) -> Iterator[nn.Module]:
 class _FusedSlice(nn.Module):
     """One of q/k/v, computed by the attention's fused QKV GEMM (fallback path only)."""
 
-    def __init__(self, attn: nn.Module, start: int, size: int, in_features: int) -> None:
+    attn: AttentionModule
+
+    def __init__(self, attn: AttentionModule, start: int, size: int, in_features: int) -> None:
         super().__init__()
         self.__dict__["attn"] = attn  # not a submodule: no cycle in .modules()
         self.start, self.out_features, self.in_features = start, size, in_features

@@ -4,7 +4,7 @@ avx_ne_convert); float32 ones run on every x86 CPU."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ class PackedConv2d(nn.Module):
         hint = [1, conv.in_channels, *input_hint]
         self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
             conv.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation,
-            self.groups, hint)
+            self.groups, hint)  # type: ignore[call-arg]  # torch's stub lacks input_size
         self.bias = (None if conv.bias is None
                      else nn.Parameter(conv.bias.detach(), requires_grad=False))
 
@@ -103,7 +103,8 @@ class FusedGEGLU(nn.Module):
 
     def __init__(self, geglu: nn.Module) -> None:
         super().__init__()
-        weight, bias = geglu.proj.weight.detach(), geglu.proj.bias
+        proj = cast(nn.Linear, geglu.proj)
+        weight, bias = proj.weight.detach(), proj.bias
         half = weight.shape[0] // 2
         value_bias = None if bias is None else bias.detach()[:half].contiguous()
         gate_bias = None if bias is None else bias.detach()[half:].contiguous()
