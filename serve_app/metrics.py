@@ -167,3 +167,11 @@ def record_error(code: str) -> None:
     except Exception:  # pragma: no cover - metrics must not turn errors into 500s
         pass
 
+
+
+def record_encode(kind: str, seconds: float) -> None:
+    """Time one PNG encoding; never lets a metrics failure break the response."""
+    try:
+        ingress_metrics().record_encode(kind, seconds)
+    except Exception:  # pragma: no cover - metrics must not turn a success into an error
+        pass

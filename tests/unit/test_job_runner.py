@@ -7,7 +7,7 @@ import time
 
 from serve_app.config import AppConfig
 from serve_app.jobs.records import JobRecord, Progress, record_name
-from serve_app.jobs.runner import JobRunner
+from serve_app.jobs.service import JobService
 
 
 class SlowStore:
@@ -28,20 +28,18 @@ class SlowStore:
         return self.records[name]
 
 
-class Runner(JobRunner):
-    def __init__(self):
-        self.store = SlowStore()
-        self.config = AppConfig.model_validate(
-            {"jobs": {"heartbeat_s": 0.05, "lease_s": 5.0}})
-        self._running_jobs = {}
-
-    async def _generate(self, body, request_id, seed, base_url, on_call_done=None,
+async def slow_generate(body, request_id, seed, base_url, on_call_done=None,
                         progress_key=None, priority="interactive"):
-        # Job calls wait behind interactive ones in the batching deployment.
-        assert (progress_key, priority) == (request_id, "job")
-        await asyncio.sleep(0.5)  # a heartbeat write (0.40 s to 0.70 s) is in flight at the end
-        on_call_done(1)
-        return {"id": request_id, "output": []}
+    # Job calls wait behind interactive ones in the batching deployment.
+    assert (progress_key, priority) == (request_id, "job")
+    await asyncio.sleep(0.5)  # a heartbeat write (0.40 s to 0.70 s) is in flight at the end
+    on_call_done(1)
+    return {"id": request_id, "output": []}
+
+
+def Runner() -> JobService:  # noqa: N802 - reads as the class it makes
+    return JobService(SlowStore(), AppConfig.model_validate(
+        {"jobs": {"heartbeat_s": 0.05, "lease_s": 5.0}}), slow_generate)
 
 
 def test_the_final_record_is_the_last_write():
@@ -63,7 +61,7 @@ def test_the_final_record_is_the_last_write():
 
 
 def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
-    from serve_app.jobs.runner import KeyedLocks
+    from serve_app.jobs.service import KeyedLocks
 
     locks = KeyedLocks()
     events: list[str] = []

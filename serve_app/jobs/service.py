@@ -1,7 +1,9 @@
-"""Async jobs on the ingress: running, heartbeats, takeover of stale jobs, callbacks.
+"""Async jobs as a plain service: submission (idempotency keys), status, running,
+heartbeats, takeover of stale jobs, callbacks.
 
-A mixin of the Ingress deployment: it uses the ingress's store, config and `_generate`.
-Records and callbacks themselves are in serve_app.jobs.records.
+No HTTP and no Ray: the ingress's routes call it, and tests drive it with a fake
+generation function and an in-memory store. Records and callbacks themselves are in
+serve_app.jobs.records.
 """
 
 from __future__ import annotations
@@ -9,16 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
 
+from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound, Overloaded, ServiceError, error_body
 from serve_app.ingress.schemas import Text2ImageRequest
 from serve_app.jobs.records import (
     JobRecord,
+    JobRequest,
+    Progress,
+    callback_host_allowed,
     dump,
     is_stale,
     key_name,
@@ -55,12 +63,74 @@ class KeyedLocks:
         return len(self._locks)
 
 
-class JobRunner:
-    """Needs `self.store`, `self.config`, `self._generate` and `self._running_jobs`."""
+# The generation behind a job: (body, request_id, seed, base_url, on_call_done, *,
+# progress_key, priority) -> the response body /api/text2image would have returned.
+GenerateFn = Callable[..., Awaitable[dict[str, Any]]]
 
-    store: Any
-    config: Any
-    _running_jobs: dict[str, asyncio.Task]
+
+class JobService:
+    def __init__(self, store: Any, config: AppConfig, generate: GenerateFn) -> None:
+        self.store = store
+        self.config = config
+        self._generate = generate
+        self._running_jobs: dict[str, asyncio.Task] = {}
+        self._idempotency_locks = KeyedLocks()
+
+    async def submit(self, body: JobRequest, idempotency_key: str | None,
+                     base_url: str) -> tuple[JobRecord, bool]:
+        """The job's record, and whether it was created now (False: an earlier submission
+        with the same idempotency key made it)."""
+        if body.callbackUrl is not None and not callback_host_allowed(
+                body.callbackUrl.host, self.config.jobs.callback_hosts):
+            raise InvalidRequest("callbackUrl names a host this service may not call "
+                                 "(jobs.callback_hosts)", field="callbackUrl")
+        if not idempotency_key:
+            return await self._create_job(body, None, base_url)
+        # Concurrent retries with one key create one job: serialised here on this replica,
+        # and across replicas by creating the key's record only if it is absent.
+        async with self._idempotency_locks.hold(idempotency_key):
+            existing = await self._job_for_key(idempotency_key)
+            if existing is not None:
+                return existing, False
+            return await self._create_job(body, idempotency_key, base_url)
+
+    async def status(self, job_id: str) -> JobRecord:
+        record = await self._load_job(job_id)
+        if record.status == "running":
+            record.progress.stepsDone = await self._steps_done(record)
+        return record
+
+    def start_scanner(self) -> asyncio.Task:
+        """Jobs whose ingress died (records gone stale) are picked up by a live one."""
+        return asyncio.get_running_loop().create_task(self._scan_jobs_forever())
+
+    async def _create_job(self, body: JobRequest, idempotency_key: str | None,
+                          base: str) -> tuple[JobRecord, bool]:
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        record = JobRecord(
+            id=job_id, createdAt=now, updatedAt=now,
+            request=body.model_dump(exclude={"callbackUrl"}),
+            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+            progress=Progress(total=body.number * body.batch,
+                              stepsTotal=body.number * body.step),
+            callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,
+            statusUrl=f"{base}/api/jobs/{job_id}",
+        )
+        await self._save_job(record)
+        if idempotency_key and not await asyncio.to_thread(
+                self.store.create_record, key_name(idempotency_key), job_id.encode()):
+            # Another ingress replica claimed the key first; its job record was saved
+            # before its claim, so it can be read now, and ours never runs.
+            existing = await self._job_for_key(idempotency_key)
+            if existing is not None:
+                await asyncio.to_thread(self.store.delete_record, record_name(job_id))
+                return existing, False
+            # The key names a job that is gone (expired): this one takes the key over.
+            await asyncio.to_thread(self.store.put_record, key_name(idempotency_key),
+                                    job_id.encode())
+        self._start_job(record, base)
+        return record, True
 
     async def _reset_steps(self, record: JobRecord, calls: int) -> None:
         """A re-run starts its step counts from zero, not from the failed run's."""

@@ -1,0 +1,148 @@
+"""Text-to-image as a plain service: plan the model calls, send them through the batching
+deployment, encode and store the PNGs, and build the response body.
+
+No HTTP and no Ray here: the ingress's routes call it with a Serve handle to the batcher,
+and tests call it with a fake one (anything with `generate.remote(call)` returning an
+awaitable ModelResult) and an in-memory store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from serve_app.config import AppConfig
+from serve_app.errors import GenerationFailed, GenerationTimeout, Overloaded
+from serve_app.ingress.imaging import encode_png, make_grid
+from serve_app.ingress.parsing import plan_calls
+from serve_app.ingress.schemas import Text2ImageRequest, Text2ImageResponse
+from serve_app.metrics import record_encode
+from serve_app.protocol import GenerationItem, ModelResult, Priority
+from serve_app.store import GRID_NAME, ImageStore, image_name
+
+logger = logging.getLogger("ray.serve")
+
+# A call whose batcher replica died is sent again (a model replica's death is handled in
+# the batcher): seeded generation is idempotent, so the client gets its images.
+REPLICA_LOST_RETRIES = 2
+
+
+class GenerationService:
+    def __init__(self, batcher: Any, store: ImageStore, config: AppConfig) -> None:
+        self.batcher = batcher
+        self.store = store
+        self.config = config
+
+    async def generate(self, body: Text2ImageRequest, request_id: str, seed: int,
+                        base_url: str,
+                        on_call_done: Callable[[int], None] | None = None,
+                        progress_key: str | None = None,
+                        timings: dict[str, float] | None = None,
+                        priority: Priority = "interactive") -> dict[str, Any]:
+        """timings, when given, receives where the time went (seconds): `pipeline` (the
+        longest pipeline call inside a model replica), `model` (model calls as the ingress
+        saw them: queue, hops, pipeline), `store` (PNG encoding and storage)."""
+        items = plan_calls(body, seed, progress_key, priority)
+        started = time.perf_counter()
+        results = await self._run_calls(items, request_id, on_call_done)
+        generation_s = time.perf_counter() - started
+
+        images = [result.images for result, _ in results]
+        stored = time.perf_counter()
+        await self._store_images(request_id, images)
+        if timings is not None:
+            timings["pipeline"] = max(result.pipeline_s for result, _ in results)
+            timings["model"] = generation_s
+            timings["store"] = time.perf_counter() - stored
+        base = f"{base_url}/images/{request_id}"
+        output = [
+            {"latencySeconds": round(latency_s, 4), "url": f"{base}/{image_name(i, j)}"}
+            for i, (result, latency_s) in enumerate(results)
+            for j in range(len(result.images))
+        ]
+        total = len(output)
+        logger.info("request %s: %d images %s %d steps in %.3fs", request_id, total, body.size,
+                    body.step, generation_s)
+        return Text2ImageResponse.model_validate({
+            "id": request_id,
+            "averageImageGenerationTimeSeconds": round(generation_s / total, 4),
+            "generationTimeSeconds": round(generation_s, 4),
+            "meta": {"input": {
+                "batch": body.batch, "model": self.config.model.source, "number": body.number,
+                "prompt": body.prompt, "size": body.size, "step": body.step, "seed": seed,
+            }},
+            "output": output,
+            "gridUrl": f"{base}/{GRID_NAME}" if body.number > 1 else None,
+            "status": "success",
+        }).model_dump()
+
+    async def _run_calls(self, items: list[GenerationItem], request_id: str,
+                         on_call_done: Callable[[int], None] | None = None,
+                         ) -> list[tuple[ModelResult, float]]:
+        """Each call's result and its latency as the ingress saw it (seconds)."""
+        async def one(item: GenerationItem) -> tuple[ModelResult, float]:
+            start = time.perf_counter()
+            for attempt in range(REPLICA_LOST_RETRIES + 1):
+                try:
+                    result: ModelResult = await self.batcher.generate.remote(item)
+                    break
+                except (RayActorError, ActorUnavailableError):
+                    # The batcher replica died with the call (a model replica's death is
+                    # handled in the batcher, which queues the batch again).
+                    if attempt == REPLICA_LOST_RETRIES:
+                        raise
+                    logger.warning("request %s: batcher replica lost, retrying call %d",
+                                   request_id, item.call_index)
+            if result.error == "overloaded":
+                raise Overloaded("all model replicas are busy and the batching queue is full",
+                                 retry_after_s=self.config.ingress.retry_after_s,
+                                 request_id=request_id)
+            if on_call_done is not None and result.error is None:
+                on_call_done(len(result.images))
+            return result, time.perf_counter() - start
+
+        tasks = [asyncio.ensure_future(one(item)) for item in items]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*tasks),
+                                             self.config.ingress.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise GenerationTimeout(
+                f"generation took longer than {self.config.ingress.request_timeout_s}s",
+                request_id=request_id) from None
+        except Overloaded:
+            for task in tasks:
+                task.cancel()  # the request's other calls give their places back
+            raise
+        except Exception as exc:
+            for task in tasks:
+                task.cancel()
+            logger.error("request %s: model call failed: %s", request_id, type(exc).__name__)
+            raise GenerationFailed("image generation failed", request_id=request_id) from None
+        for result, _ in results:
+            if result.error is not None:
+                logger.error("request %s: pipeline error %s", request_id, result.error)
+                raise GenerationFailed("image generation failed", request_id=request_id)
+        return results
+
+    async def _store_images(self, request_id: str, images: list[list[Any]]) -> None:
+        def encode_and_put(name: str, pixels: Any) -> None:
+            start = time.perf_counter()
+            data = encode_png(pixels)
+            record_encode("grid" if name == GRID_NAME else "image",
+                          time.perf_counter() - start)
+            self.store.put(request_id, name, data)
+
+        jobs = [
+            asyncio.to_thread(encode_and_put, image_name(i, j), pixels)
+            for i, call_images in enumerate(images)
+            for j, pixels in enumerate(call_images)
+        ]
+        if len(images) > 1:
+            flat = [pixels for call_images in images for pixels in call_images]
+            jobs.append(asyncio.to_thread(lambda: encode_and_put(GRID_NAME, make_grid(flat))))
+        await asyncio.gather(*jobs)
