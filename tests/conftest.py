@@ -1,0 +1,31 @@
+"""Every test is marked by its folder: `unit`, `integration`, `kuberay` or `optimize`.
+
+`.ci/run` runs the tiers one by one with `-m` (fast ones first); `python -m pytest` still
+runs them all. tests/unit/test_markers.py checks that each test has exactly one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+FOLDER_MARKERS = ("unit", "integration", "kuberay", "optimize")
+
+
+def folder_marker(path: Path) -> str | None:
+    """The marker of the tests/<folder> a test file lives in (None outside them)."""
+    try:
+        folder = Path(path).resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return folder if folder in FOLDER_MARKERS else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = folder_marker(item.path)
+        if marker is not None:
+            item.add_marker(marker)
