@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -64,21 +64,65 @@ class Text2ImageResponse(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
-    requestId: str | None = None
+    code: str = Field(description="Stable machine-readable code, e.g. `invalid_request`.")
+    message: str = Field(description="What went wrong, for people.")
+    # Present only where it applies (serve_app.errors.error_body leaves them out otherwise).
+    field: str | None = Field(default=None,
+                              description="The request field at fault (422), `body` for the "
+                                          "body as a whole.")
+    requestId: str | None = Field(default=None,
+                                  description="Finds the failure in the service's logs (500).")
 
 
 class ErrorResponse(BaseModel):
+    """Every error body (serve_app.errors.error_body); never a stack trace."""
+
     status: Literal["error"] = "error"
     error: ErrorDetail
 
 
+class Optimizations(BaseModel):
+    applied: list[str] = Field(description="CPU speed levers in effect.")
+    skipped: dict[str, str] = Field(description="Levers left off, with the reason.")
+
+
 class ReadyResponse(BaseModel):
-    status: str
+    """The /readyz body once a model replica has loaded and warmed up (the model replica's
+    info; fields it did not report are null)."""
+
+    status: Literal["ready"] = "ready"
+    busy: bool = Field(description="The model replicas' queues are full right now.")
     model: str | None = None
     backend: str | None = None
     dtype: str | None = None
+    dtypeReason: str | None = None
+    cpu: str | None = None
     device: str | None = None
     threads: int | None = None
+    tee: str | None = None
+    optimizations: Optimizations
+    warnings: list[str]
+
+
+# The errors each status carries (README, "Endpoints and errors").
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    401: "`unauthorized`: API keys are on and the bearer token is missing or wrong.",
+    404: "`not_found`: unknown id or file, or a path that tries to leave the store.",
+    413: "`payload_too_large`: the body is over 64 KiB.",
+    422: "`invalid_request`: a field is missing, mistyped or out of range (`field` names "
+         "it), or the body is not UTF-8 JSON (`field: body`).",
+    500: "`generation_failed`: the pipeline failed; `requestId` finds it in the logs.",
+    503: "`overloaded` (with `Retry-After`): the model replicas' queues are full; "
+         "`not_ready` on /readyz: no model replica has loaded yet.",
+    504: "`timeout`: generation took longer than `ingress.request_timeout_s`.",
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI's `responses=` for these error statuses: each documented with the
+    ErrorResponse body and what it means."""
+    unknown = sorted(set(status_codes) - ERROR_DESCRIPTIONS.keys())
+    if unknown:
+        raise ValueError(f"no error documented for status {unknown}")
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+            for code in status_codes}
