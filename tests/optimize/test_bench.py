@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -104,14 +106,17 @@ def test_overhead_is_taken_per_request_against_the_pipeline_time():
 
 
 class _FakeService(BaseHTTPRequestHandler):
+    """Every 5th request it receives gets 503; use it through fake_service(), which gives
+    each server its own count."""
+
     count = 0
     lock = threading.Lock()
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         with self.lock:
-            _FakeService.count += 1
-            fail = _FakeService.count % 5 == 0
+            type(self).count += 1
+            fail = type(self).count % 5 == 0
         if fail:
             self.send_response(503)
             self.end_headers()
@@ -128,17 +133,24 @@ class _FakeService(BaseHTTPRequestHandler):
         pass
 
 
-def test_run_load_against_a_local_server():
-    _FakeService.count = 0  # every 5th request fails
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeService)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+@contextmanager
+def fake_service() -> Iterator[str]:
+    """A fresh _FakeService on loopback (its URL), counting from 0: the 5th, 10th, ...
+    request it receives fails, whatever ran before."""
+    handler = type("FakeService", (_FakeService,), {"count": 0, "lock": threading.Lock()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        load = run_load(url, requests=20, concurrency=4, body={"prompt": "p", "number": 2})
-        summary = load.to_dict()
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def test_run_load_against_a_local_server():
+    with fake_service() as url:
+        load = run_load(url, requests=20, concurrency=4, body={"prompt": "p", "number": 2})
+    summary = load.to_dict()
     assert summary["requests"] == 20
     assert summary["succeeded"] == 16 and summary["status_codes"]["503"] == 4
     assert summary["images"] == 32
@@ -162,20 +174,20 @@ def test_bench_cli_interleaved(tiny_model_dir, tmp_path):
 
 
 def test_bench_cli_load_mode_writes_json(tmp_path, capsys):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeService)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "load.json"
-    try:
-        main(["--url", f"http://127.0.0.1:{server.server_address[1]}", "-n", "6", "-c", "2",
+    with fake_service() as url:
+        main(["--url", url, "-n", "6", "-c", "2",
               "--width", "512", "--height", "512", "--step", "4", "--json", str(out)])
-    finally:
-        server.shutdown()
     data = json.loads(out.read_text())
     assert data["mode"] == "load"
     assert data["body"] == {"prompt": data["body"]["prompt"], "size": "512x512", "step": 4,
                             "batch": 1, "number": 1}
     summary = data["summary"]
     assert summary["requests"] == 6
+    # The server's 5th request failed: this run's own, whatever ran before it.
+    assert (summary["succeeded"], summary["failed"]) == (5, 1)
+    assert summary["status_codes"] == {"200": 5, "503": 1}
+    assert summary["success_rate"] == 5 / 6
     assert {"p50", "p90", "p95", "p99"} <= set(summary["latency_s"])
     assert {"success_rate", "images_per_s", "serve_overhead_p50_s"} <= set(summary)
     assert "serve overhead" in capsys.readouterr().out
