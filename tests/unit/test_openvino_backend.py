@@ -93,3 +93,29 @@ def test_the_auto_rule_candidate(cpu_class, ipex, version, cached, expected):
     choice = auto_rule_candidate(cpu_class, ipex=ipex, openvino_version=version,
                                  ir_cached=cached)
     assert (choice.name, choice.reason) == expected
+
+
+def test_sizes_the_ir_cannot_run_fail_the_start():
+    from serve_app.model.openvino.runtime import check_sizes
+
+    sdxl = {"block_out_channels": [320, 640, 1280]}  # two up-samplers: 32-pixel multiples
+    check_sizes(["512x512", "1024x1024", "768x1344"], sdxl)
+    with pytest.raises(ValueError) as info:
+        check_sizes(["512x512", "520x520", "512x528"], sdxl)
+    assert str(info.value) == ("backend openvino: sizes ['520x520', '512x528'] are not "
+                               "multiples of 32 pixels, which this model's OpenVINO IR needs")
+    tiny = {"block_out_channels": [32, 64]}  # one up-sampler: 16-pixel multiples
+    check_sizes(["144x144"], tiny)
+    with pytest.raises(ValueError, match=r"sizes \['136x136'\] are not multiples of 16"):
+        check_sizes(["136x136"], tiny)
+
+
+def test_compile_properties_follow_threads_and_dtype():
+    from serve_app.model.openvino.runtime import compile_properties, precision_name
+
+    assert compile_properties(14, "bfloat16") == {
+        "INFERENCE_NUM_THREADS": 14, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        "INFERENCE_PRECISION_HINT": "bf16"}
+    assert compile_properties(2, "float32")["INFERENCE_PRECISION_HINT"] == "f32"
+    assert [precision_name(h) for h in ("f32", "bf16", "f16")] == [
+        "float32", "bfloat16", "float16"]

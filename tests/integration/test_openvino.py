@@ -1,0 +1,125 @@
+"""model.backend openvino behind real Ray Serve, with the embedded tiny model: the first
+deployment exports the IR (in a subprocess of its model replica), a second one starts from
+the cached IR without exporting, and both serve the same PNG for the same seed."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app.model import cpu
+from tests.integration.conftest import REFERENCE_PROMPT, deploy, post
+
+pytest.importorskip("openvino", reason="openvino is not installed: pip install -e '.[openvino]'")
+
+BODY = {"prompt": REFERENCE_PROMPT, "number": 1, "seed": 4242}
+
+
+def ov_args(paths: dict[str, Path]) -> dict:
+    return {
+        "model": {"cache_dir": str(paths["model"]), "backend": "openvino",
+                  "openvino": {"cache_dir": str(paths["ir"])}},
+        "replica": {"num_cpus": 2},
+        "ingress": {"num_cpus": 0.1},
+        "store": {"url": str(paths["store"])},
+    }
+
+
+def ready_within(url: str, seconds: float = 60.0) -> httpx.Response:
+    """/readyz as a probe sees it once the model replica answers (a probe never waits more
+    than 0.5 s, so right after the deployment it can still say 503 on a loaded machine)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = httpx.get(f"{url}/readyz", timeout=10)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.5)
+
+
+def run_app(name: str, paths: dict[str, Path]) -> dict:
+    """Deploy at /<name>, read /readyz, the replica's info and one image, then delete it
+    (two model replicas at once would not fit the test cluster beside the others)."""
+    from ray import serve
+
+    try:
+        deploy(name, f"/{name}", ov_args(paths))
+        base = paths["serve_url"]
+        ready = ready_within(f"{base}/{name}")
+        info = serve.get_deployment_handle("Text2ImageModel", app_name=name) \
+            .info.remote().result()
+        response = post(f"{base}/{name}", BODY)
+        body = response.json()
+        png = httpx.get(body["output"][0]["url"], timeout=30) if response.status_code == 200 \
+            else None
+        ir = Path(info["openvino"]["ir"])
+        return {"ready": ready, "info": info, "response": response, "png": png,
+                "mtimes": {p.name: p.stat().st_mtime_ns for p in ir.iterdir()}}
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def paths(serve_url, tmp_path_factory) -> dict[str, Path]:
+    return {"model": tmp_path_factory.mktemp("ov-model"), "ir": tmp_path_factory.mktemp("ov-ir"),
+            "store": tmp_path_factory.mktemp("ov-images"), "serve_url": serve_url}
+
+
+@pytest.fixture(scope="module")
+def first(paths) -> dict:
+    return run_app("openvino", paths)
+
+
+@pytest.fixture(scope="module")
+def second(paths, first) -> dict:
+    return run_app("openvino-again", paths)
+
+
+def test_readyz_reports_the_openvino_backend(first):
+    assert first["ready"].status_code == 200
+    ready = first["ready"].json()
+    expected = cpu.choose_dtype("auto", "cpu", cpu.host()).name
+    assert (ready["status"], ready["backend"], ready["dtype"], ready["threads"]) == (
+        "ready", "openvino", expected, 2)
+    assert ready["dtypeReason"].endswith(f"; OpenVINO CPU INFERENCE_PRECISION_HINT {expected}")
+    assert ready["optimizations"] == {"applied": ["openvino_ir", "prompt_cache"],
+                                      "skipped": {}}
+
+
+def test_the_first_deployment_exported_the_ir_into_the_shared_cache(first, paths):
+    openvino = first["info"]["openvino"]
+    assert openvino["exported"] is True
+    ir = Path(openvino["ir"])
+    assert ir.parent == paths["ir"]
+    marker = json.loads((ir / "export.json").read_text())
+    assert marker["pid"] == openvino["exported_by_pid"]
+
+
+def test_text2image_returns_a_512_png(first):
+    assert first["response"].status_code == 200
+    assert first["response"].json()["status"] == "success"
+    png = first["png"]
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(png.content))
+    assert (image.format, image.mode, image.size) == ("PNG", "RGB", (512, 512))
+    assert np.asarray(image).std() > 0  # not a blank image
+
+
+def test_a_second_deployment_starts_from_the_cached_ir(first, second):
+    assert second["ready"].status_code == 200
+    assert second["ready"].json()["backend"] == "openvino"
+    openvino = second["info"]["openvino"]
+    assert openvino["exported"] is False
+    assert openvino["ir"] == first["info"]["openvino"]["ir"]
+    # The IR was not written again, and it was the first deployment's export.
+    assert second["mtimes"] == first["mtimes"]
+    assert openvino["exported_by_pid"] == first["info"]["openvino"]["exported_by_pid"]
+    # Same backend, same seed: the same PNG bytes.
+    assert second["response"].status_code == 200
+    assert second["png"].content == first["png"].content
