@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -38,12 +40,48 @@ def serve_url():
     ray.shutdown()
 
 
-def deploy(name: str, route_prefix: str, args: dict) -> None:
+def deploy(name: str, route_prefix: str, args: dict, *, blocking: bool = True) -> None:
+    """blocking=False returns at once, before the replicas are up."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    if blocking:
+        serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    else:
+        serve._run(build_app(args), _blocking=False, name=name, route_prefix=route_prefix)
+
+
+@contextmanager
+def deployed_app(serve_url: str, name: str, args: dict) -> Iterator[str]:
+    """The application deployed at /<name> (its URL), deleted on leaving: also when the
+    test or the deployment itself failed. For module-scoped fixtures."""
+    from ray import serve
+
+    try:
+        deploy(name, f"/{name}", args)
+        yield f"{serve_url}/{name}"
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture
+def deployed(serve_url) -> Iterator[Callable[..., str]]:
+    """`deployed(name, args, blocking=True)` deploys an application at /<name> and returns
+    its URL; every application it deployed, or tried to, is deleted at teardown, so a
+    failing test still cleans up (and can still read the status of a failed deployment)."""
+    from ray import serve
+
+    names: list[str] = []
+
+    def deploy_app(name: str, args: dict, *, blocking: bool = True) -> str:
+        names.append(name)
+        deploy(name, f"/{name}", args, blocking=blocking)
+        return f"{serve_url}/{name}"
+
+    yield deploy_app
+    for name in reversed(names):
+        serve.delete(name)
 
 
 def fake_args(store_dir, **overrides) -> dict:

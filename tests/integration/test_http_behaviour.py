@@ -7,9 +7,7 @@ import httpx
 import pytest
 
 from serve_app.testing import FAIL_PROMPT
-from tests.integration.conftest import deploy, fake_args, post
-
-pytestmark = pytest.mark.integration
+from tests.integration.conftest import fake_args, post
 
 
 def test_urls_follow_the_route_prefix_and_host(fake_app):
@@ -101,15 +99,14 @@ def test_openapi_documents_the_request_body(fake_app):
     assert set(schema["properties"]) == {"prompt", "number", "size", "step", "batch", "seed"}
 
 
-def test_full_queue_gets_503_with_retry_after(serve_url, tmp_path):
-    deploy("slow", "/slow", fake_args(
+def test_full_queue_gets_503_with_retry_after(deployed, tmp_path):
+    url = deployed("slow", fake_args(
         tmp_path,
         model={"generator_options": {"delay_s": 1.5}},
         batching={"max_batch_size": 1},
         replica={"max_ongoing_requests": 1, "max_queued_requests": 1},
         ingress={"retry_after_s": 7},
     ))
-    url = f"{serve_url}/slow"
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda i: post(url, {"prompt": f"p{i}"}), range(6)))
     codes = sorted(r.status_code for r in responses)
@@ -122,7 +119,4 @@ def test_full_queue_gets_503_with_retry_after(serve_url, tmp_path):
         if response.status_code == 503:
             assert response.headers["retry-after"] == "7"
             assert response.json()["error"]["code"] == "overloaded"
-    from ray import serve
-
-    serve.delete("slow")
 

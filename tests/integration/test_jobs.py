@@ -5,16 +5,15 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 
 from serve_app.jobs.records import JobRecord, Progress, dump, record_name
 from serve_app.store import ImageStore
-from tests.integration.conftest import deploy, fake_args, free_port
+from tests.integration.conftest import deployed_app, fake_args, free_port
 from tests.integration.test_load_and_faults import replica_actor_names
-
-pytestmark = pytest.mark.integration
 
 FAST_JOBS = {"lease_s": 2.0, "heartbeat_s": 0.5, "scan_interval_s": 0.5,
              "callback_backoff_s": 0.1, "callback_hosts": ["127.0.0.1"]}
@@ -23,12 +22,9 @@ FAST_JOBS = {"lease_s": 2.0, "heartbeat_s": 0.5, "scan_interval_s": 0.5,
 @pytest.fixture(scope="module")
 def jobs_app(serve_url, tmp_path_factory):
     store = tmp_path_factory.mktemp("jobs-store")
-    deploy("jobs", "/jobs", fake_args(store, model={"generator_options": {"delay_s": 0.2}},
-                                      jobs=FAST_JOBS))
-    yield f"{serve_url}/jobs", store
-    from ray import serve
-
-    serve.delete("jobs")
+    with deployed_app(serve_url, "jobs", fake_args(
+            store, model={"generator_options": {"delay_s": 0.2}}, jobs=FAST_JOBS)) as url:
+        yield url, store
 
 
 def submit(url, body, **kwargs):
@@ -169,30 +165,60 @@ def test_a_job_whose_ingress_died_is_resumed(jobs_app):
     assert httpx.get(done["result"]["output"][0]["url"]).status_code == 200
 
 
-def test_jobs_survive_a_replica_killed_under_async_load(serve_url, tmp_path):
+def replica_lost_lines(app: str) -> list[str]:
+    """Lines of this application's Serve replica logs that report a model replica lost
+    with calls in flight (and those calls sent again)."""
     import ray
-    from ray import serve
 
-    deploy("jobs-chaos", "/jobs-chaos", fake_args(
-        tmp_path, model={"generator_options": {"delay_s": 0.3}}, jobs=FAST_JOBS))
-    url = f"{serve_url}/jobs-chaos"
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return [line for path in sorted(logs.glob(f"replica_{app}_*.log"))
+            for line in path.read_text(errors="replace").splitlines()
+            if "model replica lost" in line]
+
+
+def test_jobs_survive_a_replica_killed_under_async_load(deployed, tmp_path):
+    """The model replica is killed while a batch of job calls is half-way through its
+    denoising steps: those calls are sent again to the replica Serve starts in its place,
+    and every job still succeeds, with all its images and steps."""
+    import ray
+
+    # 3 steps of 2 s per batch: once a step is reported, the batch runs 2-4 s more.
+    url = deployed("jobs-chaos", fake_args(
+        tmp_path, model={"generator_options": {"delay_s": 6.0}}, jobs=FAST_JOBS))
     [victim] = replica_actor_names("jobs-chaos", "Text2ImageModel")
-    jobs = [submit(url, {"prompt": f"job {i}", "seed": i}).json() for i in range(12)]
-    time.sleep(1.0)
+    jobs = [submit(url, {"prompt": f"job {i}", "seed": i, "step": 3}).json() for i in range(12)]
+    deadline = time.monotonic() + 60
+    while True:
+        progress = [httpx.get(job["statusUrl"], timeout=30).json()["progress"]
+                    for job in jobs]
+        in_flight = [p for p in progress if 0 < p["stepsDone"] < 3]
+        if in_flight:
+            break
+        assert time.monotonic() < deadline, f"no job call started: {progress}"
+        time.sleep(0.1)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    # Just before the kill, a call was part-way through its steps and no job had an image:
+    # the kill hit calls in flight...
+    assert [p["done"] for p in progress] == [0] * 12, progress
+    assert replica_lost_lines("jobs-chaos") == []
+
     records = [wait_done(job["statusUrl"], timeout_s=120) for job in jobs]
     assert [r["status"] for r in records] == ["succeeded"] * 12
+    assert [r["progress"] for r in records] == [
+        {"done": 1, "total": 1, "stepsDone": 3, "stepsTotal": 3}] * 12
+    assert all(httpx.get(r["result"]["output"][0]["url"]).status_code == 200
+               for r in records)
+    # ...and were sent again: the application logged the lost replica.
+    lost = replica_lost_lines("jobs-chaos")
+    assert lost != [], "no call was in flight on the killed replica"
     print("attempts per job after the kill:", [r["attempts"] for r in records])
-    serve.delete("jobs-chaos")
+    print("replica lost:", *lost, sep="\n")
 
 
-def test_running_jobs_report_denoising_steps(serve_url, tmp_path):
-    from ray import serve
-
-    deploy("jobs-steps", "/jobs-steps", fake_args(
+def test_running_jobs_report_denoising_steps(deployed, tmp_path):
+    url = deployed("jobs-steps", fake_args(
         tmp_path, model={"generator_options": {"delay_s": 2.0}}, jobs=FAST_JOBS))
-    job = submit(f"{serve_url}/jobs-steps",
-                 {"prompt": "slow steps", "number": 2, "step": 4}).json()
+    job = submit(url, {"prompt": "slow steps", "number": 2, "step": 4}).json()
     assert job["progress"] == {"done": 0, "total": 2, "stepsDone": 0, "stepsTotal": 8}
     seen = []
     deadline = time.monotonic() + 60
@@ -206,7 +232,6 @@ def test_running_jobs_report_denoising_steps(serve_url, tmp_path):
     assert record["progress"] == {"done": 2, "total": 2, "stepsDone": 8, "stepsTotal": 8}
     assert seen == sorted(seen)
     assert any(0 < steps < 8 for steps in seen), seen
-    serve.delete("jobs-steps")
 
 
 def test_polling_running_jobs_from_many_threads_never_gets_a_500(jobs_app):

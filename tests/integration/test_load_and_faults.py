@@ -4,11 +4,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
-from tests.integration.conftest import deploy, fake_args, post
-
-pytestmark = pytest.mark.integration
+from tests.integration.conftest import fake_args, post
 
 
 def run_load(url: str, total: int, concurrency: int, timeout_s: float = 120) -> list[int]:
@@ -22,24 +19,21 @@ def run_load(url: str, total: int, concurrency: int, timeout_s: float = 120) -> 
         return list(pool.map(one, range(total)))
 
 
-def test_100_requests_at_concurrency_20_on_one_small_replica(serve_url, tmp_path):
-    deploy("load", "/load", fake_args(
+def test_100_requests_at_concurrency_20_on_one_small_replica(deployed, tmp_path):
+    url = deployed("load", fake_args(
         tmp_path,
         model={"generator_options": {"delay_s": 0.1}},
         batching={"max_batch_size": 4},
         replica={"max_queued_requests": 8},
     ))
     started = time.monotonic()
-    codes = run_load(f"{serve_url}/load", total=100, concurrency=20)
+    codes = run_load(url, total=100, concurrency=20)
     elapsed = time.monotonic() - started
     counts = {code: codes.count(code) for code in sorted(set(codes))}
     print(f"load: 100 requests, concurrency 20, {elapsed:.1f}s: {counts}")
     assert set(codes) <= {200, 503}
     assert len(codes) == 100
     assert counts.get(200, 0) >= 12  # at least the replica's ongoing + queued capacity
-    from ray import serve
-
-    serve.delete("load")
 
 
 def replica_actor_names(app: str, deployment: str) -> list[str]:
@@ -50,13 +44,10 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
             if a["name"].startswith(prefix)]
 
 
-def test_killed_replica_under_load_is_replaced_and_requests_are_retried(serve_url, tmp_path):
+def test_killed_replica_under_load_is_replaced_and_requests_are_retried(deployed, tmp_path):
     import ray
-    from ray import serve
 
-    deploy("chaos", "/chaos", fake_args(
-        tmp_path, model={"generator_options": {"delay_s": 0.3}}))
-    url = f"{serve_url}/chaos"
+    url = deployed("chaos", fake_args(tmp_path, model={"generator_options": {"delay_s": 0.3}}))
     [victim] = replica_actor_names("chaos", "Text2ImageModel")
     with ThreadPoolExecutor(1) as pool:
         load = pool.submit(run_load, url, 30, 5)
@@ -76,19 +67,15 @@ def test_killed_replica_under_load_is_replaced_and_requests_are_retried(serve_ur
     # In-flight calls on the dead replica were sent again: every request succeeded.
     assert codes == [200] * 30
     assert post(url, {"prompt": "after"}).status_code == 200
-    serve.delete("chaos")
 
 
-def test_a_request_past_its_timeout_gets_504_not_a_hang(serve_url, tmp_path):
-    from ray import serve
-
-    deploy("timeout", "/timeout", fake_args(
+def test_a_request_past_its_timeout_gets_504_not_a_hang(deployed, tmp_path):
+    url = deployed("timeout", fake_args(
         tmp_path, model={"generator_options": {"delay_s": 5.0}},
         ingress={"request_timeout_s": 1.0}))
     started = time.monotonic()
-    response = post(f"{serve_url}/timeout", {"prompt": "slow"}, timeout=30)
+    response = post(url, {"prompt": "slow"}, timeout=30)
     elapsed = time.monotonic() - started
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "timeout"
     assert elapsed < 4.0
-    serve.delete("timeout")

@@ -13,10 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.testing import FAIL_PROMPT
-from tests.integration.conftest import deploy, fake_args, post
+from tests.integration.conftest import deployed_app, fake_args, post
 from tests.unit.test_dashboard import by_labels, expressions, load_dashboard, selectors
-
-pytestmark = pytest.mark.integration
 
 APP = "metricsapp"
 DEADLINE_S = 60
@@ -24,11 +22,8 @@ DEADLINE_S = 60
 
 @pytest.fixture(scope="module")
 def metrics_app(serve_url, tmp_path_factory):
-    from ray import serve
-
-    deploy(APP, f"/{APP}", fake_args(tmp_path_factory.mktemp("metrics-images")))
-    yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    with deployed_app(serve_url, APP, fake_args(tmp_path_factory.mktemp("metrics-images"))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

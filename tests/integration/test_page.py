@@ -12,9 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import API_KEYS, API_KEYS_ENV, deploy, fake_args, post
-
-pytestmark = pytest.mark.integration
+from tests.integration.conftest import API_KEYS, API_KEYS_ENV, deployed_app, fake_args, post
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN", "/usr/bin/chromedriver")
@@ -161,13 +159,10 @@ def test_playground_generates_and_shows_errors(browser, fake_app):
 
 @pytest.fixture(scope="module")
 def protected_app(serve_url, tmp_path_factory):
-    deploy("protected-page", "/protected-page", fake_args(
-        tmp_path_factory.mktemp("protected-page"),
-        security={"api_keys_env": API_KEYS_ENV, "protect_images": True}))
-    yield f"{serve_url}/protected-page"
-    from ray import serve
-
-    serve.delete("protected-page")
+    with deployed_app(serve_url, "protected-page", fake_args(
+            tmp_path_factory.mktemp("protected-page"),
+            security={"api_keys_env": API_KEYS_ENV, "protect_images": True})) as url:
+        yield url
 
 
 def test_playground_shows_protected_images_with_the_api_key(browser, protected_app):

@@ -1,12 +1,9 @@
 """The real diffusers pipeline (tiny model) reports each denoising step to its caller."""
 
-import pytest
 
 from serve_app.config import AppConfig
 from serve_app.model.pipeline import load_generator
 from serve_app.protocol import GenerationItem
-
-pytestmark = pytest.mark.integration
 
 
 def test_on_step_is_called_once_per_denoising_step(tmp_path):

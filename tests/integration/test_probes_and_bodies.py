@@ -8,8 +8,6 @@ import pytest
 
 from tests.integration.conftest import fake_args
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.mark.parametrize("path,content_type", [
     ("/healthz", "application/json"), ("/readyz", "application/json"),
@@ -81,35 +79,28 @@ def test_chunked_uploads_are_refused_past_the_limit_and_accepted_under_it(fake_a
     assert response.json()["meta"]["input"]["prompt"] == "chunked"
 
 
-def test_readyz_answers_at_once_while_the_model_loads(serve_url, tmp_path):
+def test_readyz_answers_at_once_while_the_model_loads(deployed, tmp_path):
     """Kubernetes gives a probe 1 s: while no replica has answered, /readyz says 503 at
     once (it used to wait up to 3 s), then 200 once the model has loaded."""
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    args = fake_args(tmp_path, model={"generator_options": {"load_s": 8.0}})
-    serve._run(build_app(args), _blocking=False, name="loading", route_prefix="/loading")
-    url = f"{serve_url}/loading/readyz"
-    try:
-        deadline = time.monotonic() + 90
-        # Until the ingress itself answers, the proxy holds requests: not what is measured.
-        while httpx.get(f"{serve_url}/loading/healthz", timeout=30).status_code != 200:
-            assert time.monotonic() < deadline, "the ingress never came up"
-            time.sleep(0.2)
-        seen: list[tuple[int, float]] = []
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            response = httpx.get(url, timeout=5)
-            seen.append((response.status_code, time.perf_counter() - started))
-            if response.status_code == 200:
-                break
-            assert response.json()["error"]["message"] == "model is loading"
-            time.sleep(0.3)
-        codes = [code for code, _ in seen]
-        assert codes[-1] == 200 and set(codes[:-1]) == {503}, codes
-        assert codes.count(503) >= 3, seen  # the ingress was up well before the model
-        slow = [round(s, 2) for code, s in seen if code == 503 and s > 0.9]
-        assert slow == [], seen
-    finally:
-        serve.delete("loading")
+    app_url = deployed("loading", fake_args(tmp_path, model={"generator_options": {"load_s": 8.0}}),
+                       blocking=False)
+    url = f"{app_url}/readyz"
+    deadline = time.monotonic() + 90
+    # Until the ingress itself answers, the proxy holds requests: not what is measured.
+    while httpx.get(f"{app_url}/healthz", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the ingress never came up"
+        time.sleep(0.2)
+    seen: list[tuple[int, float]] = []
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        response = httpx.get(url, timeout=5)
+        seen.append((response.status_code, time.perf_counter() - started))
+        if response.status_code == 200:
+            break
+        assert response.json()["error"]["message"] == "model is loading"
+        time.sleep(0.3)
+    codes = [code for code, _ in seen]
+    assert codes[-1] == 200 and set(codes[:-1]) == {503}, codes
+    assert codes.count(503) >= 3, seen  # the ingress was up well before the model
+    slow = [round(s, 2) for code, s in seen if code == 503 and s > 0.9]
+    assert slow == [], seen

@@ -7,22 +7,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import API_KEYS, API_KEYS_ENV, deploy, fake_args, post
-
-pytestmark = pytest.mark.integration
+from tests.integration.conftest import API_KEYS, API_KEYS_ENV, deployed_app, fake_args, post
 
 
 @pytest.fixture(scope="module")
 def secure_app(serve_url, tmp_path_factory):
-    deploy("secure", "/secure", fake_args(
+    with deployed_app(serve_url, "secure", fake_args(
         tmp_path_factory.mktemp("secure"),
         security={"api_keys_env": API_KEYS_ENV, "protect_images": True,
                   "require_tee": True, "tee_probe": "serve_app.testing:tee_present"},
-    ))
-    yield f"{serve_url}/secure"
-    from ray import serve
-
-    serve.delete("secure")
+    )) as url:
+        yield url
 
 
 def test_api_needs_a_key(secure_app):
@@ -46,24 +41,21 @@ def test_ready_reports_the_tee(secure_app):
     assert (body["status"], body["tee"]) == ("ready", "tdx")
 
 
-def test_require_tee_outside_a_tee_refuses_to_start(serve_url, tmp_path):
+def test_require_tee_outside_a_tee_refuses_to_start(deployed, tmp_path):
     from ray import serve
 
     with pytest.raises(RuntimeError) as info:
-        deploy("no-tee", "/no-tee", fake_args(
+        deployed("no-tee", fake_args(
             tmp_path, security={"require_tee": True, "tee_probe": "serve_app.testing:tee_absent"}))
     assert "Failed to update the deployments" in str(info.value)
     status = serve.status().applications["no-tee"].deployments
     assert "not an Intel TDX guest" in status["Text2ImageModel"].message
     assert "not an Intel TDX guest" in status["Ingress"].message
-    serve.delete("no-tee")
 
 
-def test_images_are_deleted_after_their_ttl(serve_url, tmp_path):
-    from ray import serve
-
-    deploy("ttl", "/ttl", fake_args(tmp_path, store={"ttl_s": 1.0, "cleanup_interval_s": 0.5}))
-    body = post(f"{serve_url}/ttl", {"prompt": "ephemeral"}).json()
+def test_images_are_deleted_after_their_ttl(deployed, tmp_path):
+    url = deployed("ttl", fake_args(tmp_path, store={"ttl_s": 1.0, "cleanup_interval_s": 0.5}))
+    body = post(url, {"prompt": "ephemeral"}).json()
     url = body["output"][0]["url"]
     assert httpx.get(url).status_code == 200
     deadline = time.monotonic() + 15
@@ -72,7 +64,6 @@ def test_images_are_deleted_after_their_ttl(serve_url, tmp_path):
         time.sleep(0.25)
     assert httpx.get(url).status_code == 404
     assert not (tmp_path / body["id"]).exists()
-    serve.delete("ttl")
 
 
 def test_prompts_never_reach_the_logs(fake_app):

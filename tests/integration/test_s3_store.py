@@ -2,25 +2,21 @@
 
 import boto3
 import httpx
-import pytest
 
-from tests.integration.conftest import deploy, fake_args, post
-
-pytestmark = pytest.mark.integration
+from tests.integration.conftest import fake_args, post
 
 
-def test_images_live_in_the_bucket_and_every_ingress_replica_serves_them(serve_url, moto_s3,
+def test_images_live_in_the_bucket_and_every_ingress_replica_serves_them(deployed, moto_s3,
                                                                          tmp_path):
     s3 = boto3.client("s3", endpoint_url=moto_s3, aws_access_key_id="test",
                       aws_secret_access_key="test", region_name="us-east-1")
     s3.create_bucket(Bucket="sd-images")
-    deploy("s3", "/s3", fake_args(
+    url = deployed("s3", fake_args(
         tmp_path,
         ingress={"num_replicas": 2},
         store={"url": "s3://sd-images/images",
                "storage_options": {"endpoint_url": moto_s3, "key": "test", "secret": "test"}},
     ))
-    url = f"{serve_url}/s3"
     body = post(url, {"prompt": "p", "number": 2}).json()
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="sd-images")["Contents"])
     assert keys == [f"images/{body['id']}/{name}"
@@ -45,6 +41,3 @@ def test_images_live_in_the_bucket_and_every_ingress_replica_serves_them(serve_u
     records = [o["Key"] for o in s3.list_objects_v2(
         Bucket="sd-images", Prefix="images/jobs/job-")["Contents"]]
     assert records == [f"images/jobs/job-{job_id}.json"]
-    from ray import serve
-
-    serve.delete("s3")

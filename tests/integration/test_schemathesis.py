@@ -1,11 +1,8 @@
 """Property-based requests generated from the service's own OpenAPI: never a 5xx."""
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
-
-pytestmark = pytest.mark.integration
 
 
 def test_no_server_errors_for_any_operation(fake_app):
