@@ -287,3 +287,42 @@ def test_cli_with_an_unwritable_cache_prints_one_line_and_fails(tmp_path, capsys
     assert err.startswith(f"sdxl-turbo-export: OpenVINO IR cache {blocker / 'ir'} is not "
                           f"writable (Not a directory) and has no IR float32-dtype-")
     assert err.count("\n") == 1
+
+
+def test_staging_left_by_a_dead_export_is_removed_under_the_lock(tmp_path):
+    model = fake_model(tmp_path / "m")
+    root = tmp_path / "ir"
+    name = entry_name(key_material(spec_for(model)))
+    dead = root / f".staging-{name}-k1ll3d"
+    other = root / ".staging-bfloat16-dtype-0123456789abcdef-x"
+    for path in (dead, other):
+        path.mkdir(parents=True)
+        (path / "unet.bin").write_bytes(b"\0" * 16)
+    exporter = FakeExporter()
+    entry, exported = ensure_ir(spec_for(model), str(root), export=exporter)
+    assert exported is True
+    assert not dead.exists()
+    assert other.exists()  # another entry's export may still be writing it
+
+
+def test_without_file_locks_exports_still_run_and_no_staging_is_touched(
+        tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def refuse(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    model = fake_model(tmp_path / "m")
+    root = tmp_path / "ir"
+    name = entry_name(key_material(spec_for(model)))
+    busy = root / f".staging-{name}-other-replica"
+    busy.mkdir(parents=True)
+    exporter = FakeExporter()
+    with caplog.at_level("WARNING", logger="serve_app.model.openvino.cache"):
+        entry, exported = ensure_ir(spec_for(model), str(root), export=exporter)
+    assert exported is True and exporter.calls == [entry]
+    assert busy.exists()
+    assert (f"no lock on {root / f'.{name}.lock'} (No locks available): replicas starting "
+            f"together may each export") in caplog.text

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -173,10 +174,11 @@ def require_writable(root: Path, entry: str) -> None:
 
 
 @contextlib.contextmanager
-def export_lock(root: Path, entry: str) -> Iterator[None]:
-    """Held while one process exports `entry`: others wait, then find it complete.
-    Where the file system refuses locks (some network mounts), exports are not
-    serialised: each writes its own staging directory and the first rename wins."""
+def export_lock(root: Path, entry: str) -> Iterator[bool]:
+    """Held while one process exports `entry`: others wait, then find it complete. Yields
+    whether the lock is held: where the file system refuses locks (some network mounts),
+    exports are not serialised; each writes its own staging directory and the first rename
+    wins."""
     import fcntl
 
     path = root / f".{entry}.lock"
@@ -186,4 +188,21 @@ def export_lock(root: Path, entry: str) -> Iterator[None]:
         except OSError as exc:
             logger.warning("no lock on %s (%s): replicas starting together may each export",
                            path, exc.strerror)
-        yield
+            yield False
+        else:
+            yield True
+
+
+def staging_prefix(entry: str) -> str:
+    return f".staging-{entry}-"
+
+
+def remove_stale_staging(root: Path, entry: str) -> list[Path]:
+    """Staging directories of `entry` left by exports that died (killed for memory, say):
+    gigabytes each at full size. Only call with the export lock held, when no other export
+    of `entry` can be writing one."""
+    stale = sorted(p for p in root.glob(f"{staging_prefix(entry)}*") if p.is_dir())
+    for path in stale:
+        logger.warning("removing %s, left by an export that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale

@@ -40,7 +40,9 @@ from serve_app.model.openvino.cache import (
     export_lock,
     is_complete,
     key_material,
+    remove_stale_staging,
     require_writable,
+    staging_prefix,
 )
 
 logger = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ def export_ir(spec: ExportSpec, target: Path, material: dict[str, Any] | None = 
 
     material = key_material(spec) if material is None else material
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{target.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target.name), dir=target.parent))
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     configs: dict[str, Any] = {}
@@ -246,9 +248,11 @@ def ensure_ir(spec: ExportSpec, configured_root: str | None,
     if is_complete(entry):
         return entry, False
     require_writable(root, entry.name)
-    with export_lock(root, entry.name):
+    with export_lock(root, entry.name) as locked:
         if is_complete(entry):  # another replica exported it while this one waited
             return entry, False
+        if locked:
+            remove_stale_staging(root, entry.name)
         export(spec, entry)
     if not is_complete(entry):
         raise RuntimeError(f"OpenVINO export finished but {entry} is incomplete")
