@@ -86,7 +86,7 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while len(self._queue):
-                if self._running:
+                if self._running and len(self._running) >= self._known_replicas():
                     await self._wait_for_a_free_replica()
                 await self._wait_for_company()
                 batch = self._queue.next_batch()
@@ -99,12 +99,21 @@ class Batcher:
                     logger.exception("batch hand-over failed")
                     self._finish(batch, lambda _: ModelResult(error="batching_failed"))
 
+    def _known_replicas(self) -> int:
+        """Model replicas the handle's router knows of: with fewer of our batches running,
+        one is free (one batcher replica: exactly; several: nearly, and a batch sent to a
+        busy replica waits at its router). Ray's handle has no public count; without one,
+        every batch after the first asks for a slot first."""
+        try:
+            return len(self._model._router._asyncio_router.request_router.curr_replicas)
+        except Exception:
+            return 1
+
     async def _wait_for_a_free_replica(self) -> None:
-        """With a batch of ours running, replicas may all be busy: ask for a slot with an
-        empty call first, and form the batch only once it is through, from what waits then
-        (in priority order). Formed earlier, a batch would sit at the model's router while
-        later, more urgent calls arrive. With nothing of ours running, replicas are taken to
-        be free and the batch goes straight away (no extra round trip for a lone call)."""
+        """With a batch of ours on every replica, ask for a slot with an empty call first,
+        and form the batch only once it is through, from what waits then (in priority
+        order). Formed earlier, a batch would sit at the model's router while later, more
+        urgent calls arrive. With a replica free, the batch goes straight away."""
         try:
             await self._model.slot.remote()
         except REPLICA_LOST:
