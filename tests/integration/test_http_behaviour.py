@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from serve_app.ingress.schemas import ERROR_DESCRIPTIONS, ErrorResponse
 from serve_app.testing import FAIL_PROMPT
 from tests.integration.conftest import fake_args, post
 
@@ -97,6 +98,25 @@ def test_openapi_documents_the_request_body(fake_app):
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["prompt"]
     assert set(schema["properties"]) == {"prompt", "number", "size", "step", "batch", "seed"}
+
+
+def test_openapi_documents_the_error_body(fake_app):
+    """The 422 of /api/text2image is documented with the body errors really have."""
+    spec = httpx.get(f"{fake_app}/openapi.json").json()
+    responses = spec["paths"]["/api/text2image"]["post"]["responses"]
+    assert responses["422"] == {
+        "description": ERROR_DESCRIPTIONS[422],
+        "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    schemas = spec["components"]["schemas"]
+    assert schemas["ErrorResponse"]["properties"]["error"] == {
+        "$ref": "#/components/schemas/ErrorDetail"}
+    assert schemas["ErrorDetail"]["required"] == ["code", "message"]
+    assert set(schemas["ErrorDetail"]["properties"]) == {"code", "message", "field",
+                                                         "requestId"}
+    # The documented body is what a 422 carries.
+    body = post(fake_app, {"prompt": "p", "step": 0}).json()
+    assert ErrorResponse.model_validate(body).model_dump(exclude_none=True) == body
 
 
 def test_full_queue_gets_503_with_retry_after(deployed, tmp_path):
