@@ -95,6 +95,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = load_config(args)
     check_local_source(config.model.source)
     payload = config.model_dump(mode="json")
-    model = Text2ImageModel.options(**model_deployment_options(config)).bind(payload)
-    batcher = Batcher.options(**batcher_deployment_options(config)).bind(model, payload)
-    return Ingress.options(**ingress_deployment_options(config)).bind(batcher, model, payload)
+    # @serve.deployment turns each class into a Deployment; mypy keeps the class type.
+    model = Text2ImageModel.options(  # type: ignore[attr-defined]
+        **model_deployment_options(config)).bind(payload)
+    batcher = Batcher.options(  # type: ignore[attr-defined]
+        **batcher_deployment_options(config)).bind(model, payload)
+    return Ingress.options(  # type: ignore[attr-defined]
+        **ingress_deployment_options(config)).bind(batcher, model, payload)

@@ -14,6 +14,9 @@ import numpy as np
 from serve_app.protocol import GenerationItem
 
 FAIL_PROMPT = "__fail__"
+# Takes SLOW_PROMPT_S: keeps a replica busy while a test does something else.
+SLOW_PROMPT = "__slow__"
+SLOW_PROMPT_S = 3.0
 
 
 class FakeGenerator:
@@ -30,6 +33,8 @@ class FakeGenerator:
                  on_step: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
         if any(item.prompt == FAIL_PROMPT for item in items):
             raise RuntimeError("fake generator failure (internal detail that must not leak)")
+        if any(item.prompt == SLOW_PROMPT for item in items):
+            time.sleep(SLOW_PROMPT_S)
         steps = items[0].steps
         for step in range(1, steps + 1):
             if self.delay_s:

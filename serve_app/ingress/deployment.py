@@ -30,8 +30,10 @@ from serve_app.ingress.head_requests import HeadAsGet
 from serve_app.ingress.parsing import parse_request, read_body
 from serve_app.ingress.readiness import ReadinessProbe
 from serve_app.ingress.schemas import (
+    ReadyResponse,
     Text2ImageRequest,
     Text2ImageResponse,
+    error_responses,
 )
 from serve_app.jobs.records import JobRequest
 from serve_app.jobs.service import JobService
@@ -84,6 +86,7 @@ class Ingress:
         # info (/readyz).
         self.model = model
         store_cfg = self.config.store
+        assert store_cfg.url is not None  # AppConfig fills in the per-application default
         self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
         self._readiness = ReadinessProbe(self._model_info, busy_errors=(BackPressureError,),
                                          wait_s=READY_PROBE_WAIT_S)
@@ -127,7 +130,7 @@ class Ingress:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={200: {"model": ReadyResponse}, **error_responses(503)})
     async def readyz(self) -> JSONResponse:
         readiness = await self._readiness.check()
         if readiness.state == "loading":
@@ -161,7 +164,7 @@ class Ingress:
         "/api/text2image",
         response_model=Text2ImageResponse,
         openapi_extra=_REQUEST_BODY_SCHEMA,
-        responses={413: {}, 422: {}, 500: {}, 503: {}, 504: {}},
+        responses=error_responses(401, 413, 422, 500, 503, 504),
     )
     async def text2image(self, request: Request) -> JSONResponse:
         self._authorize(request)
@@ -179,7 +182,8 @@ class Ingress:
         return await read_body(request.stream(), request.headers.get("content-length"))
 
     @app.post("/api/jobs", status_code=202, openapi_extra=_JOB_BODY_SCHEMA,
-              responses={200: {}, 401: {}, 413: {}, 422: {}})
+              responses={200: {"description": "The job this Idempotency-Key already made."},
+                         **error_responses(401, 413, 422)})
     async def submit_job(self, request: Request) -> JSONResponse:
         """Queue a generation; poll the status URL, or get a POST at `callbackUrl`."""
         self._authorize(request)
@@ -191,12 +195,12 @@ class Ingress:
         return JSONResponse(record.public(), status_code=202,
                             headers={"Location": record.statusUrl or ""})
 
-    @app.get("/api/jobs/{job_id}", responses={401: {}, 404: {}})
+    @app.get("/api/jobs/{job_id}", responses=error_responses(401, 404))
     async def job_status(self, job_id: str, request: Request) -> JSONResponse:
         self._authorize(request)
         return JSONResponse((await self.jobs.status(job_id)).public())
 
-    @app.get("/images/{image_id}/{name}", responses={404: {}})
+    @app.get("/images/{image_id}/{name}", responses=error_responses(401, 404))
     async def image(self, image_id: str, name: str, request: Request) -> Response:
         self._authorize(request, image=True)
         data = await asyncio.to_thread(self.store.get, image_id, name)

@@ -65,19 +65,19 @@ class Text2ImageModel:
     def _step_reporter(self, members: list[GenerationItem]) -> Callable[[int], None] | None:
         """For async jobs: denoising steps done, written to the store off the pipeline
         thread (an object-store PUT must not stall the step loop)."""
-        keyed = [m for m in members if m.progress_key]
+        keyed = [(m.progress_key, m.call_index) for m in members if m.progress_key]
         if not keyed:
             return None
         if self._progress is None:
             store = self.config.store
+            assert store.url is not None  # AppConfig fills in the per-application default
             self._progress = LatestValueWriter(
                 ImageStore(store.url, store.storage_options).put_record)
         progress = self._progress
 
         def report(step: int) -> None:
-            for member in keyed:
-                name = step_record_name(member.progress_key, member.call_index)
-                progress.submit(name, str(step).encode())
+            for key, index in keyed:
+                progress.submit(step_record_name(key, index), str(step).encode())
         return report
 
     def info(self) -> dict[str, Any]:

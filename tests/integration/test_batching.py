@@ -13,22 +13,12 @@ from tests.integration.test_load_and_faults import replica_actor_names
 
 
 @pytest.fixture
-def app(serve_url, tmp_path):
-    """Deploys one fake-generator app per test and deletes it at teardown."""
-    from ray import serve
-
-    from tests.integration.conftest import deploy
-
-    names: list[str] = []
+def app(deployed, tmp_path):
+    """One fake-generator app per test, deleted at teardown (conftest's `deployed`)."""
 
     def make(name: str, **overrides) -> str:
-        deploy(name, f"/{name}", fake_args(tmp_path, **overrides))
-        names.append(name)
-        return f"{serve_url}/{name}"
-
-    yield make
-    for name in names:
-        serve.delete(name)
+        return deployed(name, fake_args(tmp_path, **overrides))
+    return make
 
 
 def handles(name):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app.testing import FAIL_PROMPT
+from serve_app.testing import FAIL_PROMPT, SLOW_PROMPT
 from tests.integration.conftest import deployed_app, fake_args, post
 from tests.unit.test_dashboard import by_labels, expressions, load_dashboard, selectors
 
@@ -145,6 +145,41 @@ def test_counters_move_after_requests(metrics_app, metrics_url):
     replicas = {lab["replica"] for n, lab, _ in samples
                 if n == "ray_sdxl_images_generated_total" and lab.get("application") == APP}
     assert len(replicas) == 1
+
+
+def test_a_call_whose_client_left_is_counted_as_dropped(metrics_app, metrics_url):
+    """The batcher's drop counter and queue-depth gauge on the live endpoint: a call waits
+    behind a busy replica, its client gives up, the call is dropped before it runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    batcher = serve.get_deployment_handle("Batcher", app_name=APP)
+    batches = len(batcher.stats.remote().result()["batch_sizes"])
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(post, metrics_app, {"prompt": SLOW_PROMPT, "step": 1})
+        deadline = time.monotonic() + 30
+        while len(batcher.stats.remote().result()["batch_sizes"]) == batches:
+            assert time.monotonic() < deadline, "the slow call never started"
+            time.sleep(0.05)
+        with pytest.raises(httpx.TimeoutException):
+            post(metrics_app, {"prompt": "left", "step": 1}, timeout=0.5)
+        assert busy.result().status_code == 200
+    depth = "ray_sdxl_queue_depth"
+    expected = {"dropped": 1.0, "waiting": 0.0}
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        samples = scrape(metrics_url)
+        observed = {
+            "dropped": total(samples, "ray_sdxl_dropped_calls_total", application=APP,
+                             reason="client_left"),
+            "waiting": total(samples, depth, application=APP, **{"class": "interactive"}),
+        }
+        if observed == expected:
+            break
+        time.sleep(1)
+    assert observed == expected
+    assert batcher.stats.remote().result()["dropped"] == 1
 
 
 def test_dashboard_names_and_labels_exist_on_the_live_endpoint(metrics_app, metrics_url):

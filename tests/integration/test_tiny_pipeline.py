@@ -13,8 +13,6 @@ from serve_app.bench.load import parse_server_timing
 from serve_app.model import cpu
 from tests.integration.conftest import REFERENCE_PROMPT, post
 
-pytestmark = pytest.mark.integration
-
 
 def fetch_png(url: str) -> Image.Image:
     response = httpx.get(url, timeout=30)
