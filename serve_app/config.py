@@ -118,6 +118,12 @@ class BatchingConfig(StrictModel):
     # Images in one pipeline call: bounds the activations (the VAE decodes a call in one
     # pass), so a batch of large requests can't run the replica out of memory.
     max_images_per_call: int = Field(default=8, ge=1, le=64)
+    # Work in one batch, in 512x512 image-steps (a 1024x1024 image at 4 steps is 16). On
+    # CPU a batch costs the sum of its images (batching gained 1.05x images/s at batch 4,
+    # BENCHMARKS.md), so a bigger batch only makes each of its calls wait longer: the
+    # default lets four 512x512 4-step images share a batch, and a 1024x1024 4-step call
+    # go alone. Raise it where batching pays (GPU replicas). A call over it runs alone.
+    max_batch_image_steps: float = Field(default=16.0, gt=0)
     # Async-job calls wait behind interactive ones, but no longer than this: then they are
     # served in arrival order with the interactive calls (no starvation).
     job_max_wait_s: float = Field(default=30.0, gt=0)

@@ -101,23 +101,22 @@ class Batcher:
 
     def _known_replicas(self) -> int:
         """Model replicas the handle's router knows of: with fewer of our batches running,
-        one is free (one batcher replica: exactly; several: nearly, and a batch sent to a
-        busy replica waits at its router). Ray's handle has no public count; without one,
-        every batch after the first asks for a slot first."""
+        one is free (one batcher replica: exactly; several: nearly). Ray's handle has no
+        public count; without one, batches go as they form and may wait at the router."""
         try:
             return len(self._model._router._asyncio_router.request_router.curr_replicas)
         except Exception:
-            return 1
+            return 1_000_000
 
     async def _wait_for_a_free_replica(self) -> None:
-        """With a batch of ours on every replica, ask for a slot with an empty call first,
-        and form the batch only once it is through, from what waits then (in priority
-        order). Formed earlier, a batch would sit at the model's router while later, more
-        urgent calls arrive. With a replica free, the batch goes straight away."""
-        try:
-            await self._model.slot.remote()
-        except REPLICA_LOST:
-            pass  # the batch's own call will meet the dead replica and be queued again
+        """A batch of ours runs on every replica: the next is formed when one of them ends,
+        from what waits then (in priority order). Formed earlier, it would sit at the
+        model's router while later, more urgent calls arrive. Waiting on our own batches
+        (not on a probe call) costs no round trip; with several batcher replicas sharing
+        the model replicas, a batch may still wait briefly at the router."""
+        running = set(self._running)
+        if running:
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
 
     async def _wait_for_company(self) -> None:
         """batch_wait_timeout_s > 0: let the oldest waiting call gather batch-mates for up to

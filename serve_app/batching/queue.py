@@ -3,8 +3,8 @@
 Plain Python (no Ray, no asyncio beyond futures), so the order rules are tested directly:
 
 * A batch holds calls of one shape (width, height, steps) and one priority class, at most
-  `max_batch_size` calls and `max_images_per_call` images (a single call larger than the
-  image cap runs alone: requests are validated against it up front).
+  `max_batch_size` calls, `max_images_per_call` images and `max_batch_image_steps` of work
+  (a single call over a cap runs alone: requests are validated against the image cap).
 * Interactive calls go before async-job calls. A job call that has waited
   `job_max_wait_s` is served as if interactive, so a steady interactive stream cannot
   starve jobs for ever.
@@ -43,6 +43,12 @@ class Pending:
     @property
     def images(self) -> int:
         return self.call.count
+
+    @property
+    def work(self) -> float:
+        """512x512 image-steps: what the call costs a CPU replica."""
+        call = self.call
+        return call.count * call.steps * call.width * call.height / (512 * 512)
 
 
 @dataclass
@@ -98,17 +104,19 @@ class BatchQueue:
         lead = min(self._waiting, key=lambda p: (self._effective_class(p, now), p.seq))
         lead_class = self._effective_class(lead, now)
         batch = [lead]
-        images = lead.images
+        images, work = lead.images, lead.work
         for pending in self._waiting:
             if len(batch) >= self.config.max_batch_size:
                 break
             if (pending is lead or pending.call.shape_key != lead.call.shape_key
                     or self._effective_class(pending, now) != lead_class):
                 continue
-            if images + pending.images > self.config.max_images_per_call:
+            if (images + pending.images > self.config.max_images_per_call
+                    or work + pending.work > self.config.max_batch_image_steps):
                 continue
             batch.append(pending)
             images += pending.images
+            work += pending.work
         batch.sort(key=lambda p: p.seq)
         taken = set(map(id, batch))
         self._waiting = [p for p in self._waiting if id(p) not in taken]

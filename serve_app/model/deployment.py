@@ -87,10 +87,6 @@ class Text2ImageModel:
         return {"batch_sizes": list(self._batch_sizes), "pipeline_calls": self._pipeline_calls,
                 "prompts": list(self._prompts), "batch_shapes": list(self._batch_shapes)}
 
-    async def slot(self) -> None:
-        """Nothing: it returns once this replica had a free slot, which is what the batcher
-        asks before it forms a batch while its others run."""
-
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metric (batching/autoscaling.py): the batcher's backlog when
         this replica took the batch it is running; 0 while idle (with calls waiting, no

@@ -101,7 +101,7 @@ def test_concurrent_requests_are_batched(tiny_app):
     # args.batching reached the batcher as user_config, through reconfigure().
     assert batcher.stats.remote().result()["batching"] == {
         "max_batch_size": 8, "batch_wait_timeout_s": 0.5, "max_images_per_call": 8,
-        "job_max_wait_s": 30.0}
+        "max_batch_image_steps": 16.0, "job_max_wait_s": 30.0}
     before = model.stats.remote().result()
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(

@@ -21,11 +21,13 @@ def call(name, size=512, steps=4, count=1, priority="interactive"):
     return GenerationItem(name, size, size, steps, seed=1, count=count, priority=priority)
 
 
-def make(max_batch_size=4, max_images=8, max_waiting=100, job_max_wait_s=30.0):
+def make(max_batch_size=4, max_images=8, max_waiting=100, job_max_wait_s=30.0,
+         max_work=16.0):
     clock = Clock()
     loop = asyncio.new_event_loop()
     queue = BatchQueue(BatchingConfig(max_batch_size=max_batch_size,
-                                      max_images_per_call=max_images),
+                                      max_images_per_call=max_images,
+                                      max_batch_image_steps=max_work),
                        max_waiting=max_waiting, job_max_wait_s=job_max_wait_s, clock=clock)
 
     def add(item, at=None):
@@ -48,8 +50,9 @@ def test_a_batch_never_mixes_shapes_and_follows_the_oldest_call():
     while batch := queue.next_batch():
         assert len({p.call.shape_key for p in batch}) == 1
         batches.append(names(batch))
-    # Oldest first: a's shape (with c, f), then B's (with E), then d's.
-    assert batches == [["a", "c", "f"], ["B", "E"], ["d"]]
+    # Oldest first: a's shape (with c, f), then B's, then d's; E (oldest left) after.
+    # B and E are 1024x1024 at 4 steps: 16 image-steps each, the default cap, so alone.
+    assert batches == [["a", "c", "f"], ["B"], ["d"], ["E"]]
 
 
 def test_interactive_calls_go_before_older_job_calls():
@@ -118,3 +121,21 @@ def test_depth_by_class_and_shape():
     add(call("d", priority="job"))
     assert queue.depth() == {("interactive", "512x512/4"): 1, ("job", "512x512/4"): 2,
                              ("job", "1024x1024/1"): 1}
+
+
+def test_batches_are_capped_by_work_in_512_image_steps():
+    """On CPU a batch costs the sum of its images: the work cap keeps expensive calls from
+    piling into one long batch (1024x1024 at 4 steps is 16 image-steps)."""
+    queue, add, _ = make(max_batch_size=8, max_work=16.0)
+    for i in range(3):
+        add(call(f"big{i}", size=1024, steps=4))
+    for i in range(6):
+        add(call(f"small{i}", steps=2))  # 2 image-steps each
+    assert names(queue.next_batch()) == ["big0"]
+    assert names(queue.next_batch()) == ["big1"]
+    assert names(queue.next_batch()) == ["big2"]
+    assert names(queue.next_batch()) == [f"small{i}" for i in range(6)]  # 12 <= 16
+    queue, add, _ = make(max_batch_size=8, max_work=64.0)  # raised, as on a GPU replica
+    for i in range(3):
+        add(call(f"big{i}", size=1024, steps=4))
+    assert names(queue.next_batch()) == ["big0", "big1", "big2"]

@@ -48,7 +48,8 @@ def test_the_batcher_holds_the_queue_and_the_batching_settings():
     # Every waiting call is an ongoing request there; the 503 limit is its own queue's.
     assert options["max_ongoing_requests"] == 100_000
     assert options["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05,
-                                      "max_images_per_call": 8, "job_max_wait_s": 30.0}
+                                      "max_images_per_call": 8, "max_batch_image_steps": 16.0,
+                                      "job_max_wait_s": 30.0}
     assert model_deployment_options(config)["max_ongoing_requests"] == 1
 
 
