@@ -113,6 +113,27 @@ def overhead(url: str, requests: int) -> dict[str, float]:
             "p90_ms": percentile(values, 90) * 1000}
 
 
+def batch_counters(metrics_url: str) -> tuple[float, float]:
+    """(calls handed over in batches, batches) summed over replicas, from Ray's Prometheus
+    endpoint: both designs export ray_sdxl_batched_calls_total and ray_sdxl_batch_size."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    calls = batches = 0.0
+    text = httpx.get(metrics_url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ray_sdxl_batched_calls_total":
+                calls += sample.value
+            elif sample.name == "ray_sdxl_batch_size_count":
+                batches += sample.value
+    return calls, batches
+
+
+# Ray exports metrics every few seconds: wait this long before reading them back.
+METRICS_SETTLE_S = 12.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True)
@@ -123,11 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-every-s", type=float, default=0.5)
     parser.add_argument("--overhead-requests", type=int, default=40)
     parser.add_argument("--label", default="")
+    parser.add_argument("--metrics-url", default=None,
+                        help="Ray's Prometheus endpoint: report the mean batch size")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args(argv)
 
     result: dict[str, Any] = {"label": args.label, "config": vars(args)}
     result["overhead_c1"] = overhead(args.url, args.overhead_requests)
+    if args.metrics_url:
+        time.sleep(METRICS_SETTLE_S)
+        counters_before = batch_counters(args.metrics_url)
     stop = threading.Event()
     jobs: list[dict[str, Any]] = []
     job_thread = threading.Thread(
@@ -141,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     job_thread.join()
     result["interactive_wall_s"] = interactive_wall
     result["rows"] = summarize(rows + jobs, interactive_wall)
+    if args.metrics_url:
+        time.sleep(METRICS_SETTLE_S)
+        calls, batches = (after - before for after, before in
+                          zip(batch_counters(args.metrics_url), counters_before))
+        result["batches"] = {"calls": calls, "batches": batches,
+                             "mean_batch_size": calls / batches if batches else None}
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
     if args.json_path:
         with open(args.json_path, "w") as out:
