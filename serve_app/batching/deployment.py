@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from ray import serve
@@ -30,6 +31,7 @@ from serve_app.protocol import GenerationItem, ModelBatch, ModelResult
 logger = logging.getLogger("ray.serve")
 
 REPLICA_LOST_ATTEMPTS = 3
+BATCH_HISTORY = 256
 REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
@@ -44,8 +46,8 @@ class Batcher:
         self._metrics = BatcherMetrics()
         self._wake = asyncio.Event()
         self._running: set[asyncio.Task] = set()
-        # What tests and operators read back: batch sizes as formed, calls dropped.
-        self._batch_sizes: list[int] = []
+        # What tests and operators read back: recent batch sizes as formed, calls dropped.
+        self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._dropped = 0
         self._requeued = 0
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
