@@ -35,14 +35,20 @@ def wait_until(predicate, timeout_s=30.0, what="condition"):
         time.sleep(0.05)
 
 
+def occupy(pool, url, batcher, body, **kwargs):
+    """Send `body` and return its future once its batch is on the (only) model replica."""
+    future = pool.submit(post, url, body, **kwargs)
+    wait_until(lambda: batcher.stats.remote().result()["batch_sizes"] == [1],
+               what=f"{body['prompt']!r} to reach the model replica")
+    return future
+
+
 def test_a_waiting_interactive_call_goes_before_an_earlier_job_call(app):
     url = app("prio", model={"generator_options": {"delay_s": 1.5}},
               batching={"max_batch_size": 1})
     batcher, model = handles("prio")
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(post, url, {"prompt": "first", "step": 1})
-        wait_until(lambda: batcher.stats.remote().result()["batch_sizes"] == [1],
-                   what="the first call to run")
+        first = occupy(pool, url, batcher, {"prompt": "first", "step": 1})
         job = httpx.post(f"{url}/api/jobs", json={"prompt": "job", "step": 1}, timeout=30)
         assert job.status_code == 202
         wait_until(lambda: batcher.stats.remote().result()["waiting"] == 1,
@@ -61,9 +67,7 @@ def test_a_call_whose_client_left_is_dropped_before_it_runs(app):
               batching={"max_batch_size": 1})
     batcher, model = handles("gone")
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(post, url, {"prompt": "busy", "step": 1})
-        wait_until(lambda: batcher.stats.remote().result()["batch_sizes"] == [1],
-                   what="the replica to be busy")
+        busy = occupy(pool, url, batcher, {"prompt": "busy", "step": 1})
         with pytest.raises(httpx.TimeoutException):
             post(url, {"prompt": "left", "step": 1}, timeout=0.5)  # the client gives up
         wait_until(lambda: batcher.stats.remote().result()["dropped"] == 1,
@@ -82,10 +86,8 @@ def test_a_batch_lost_with_its_model_replica_is_run_again(app):
     batcher, _ = handles("lost")
     [victim] = replica_actor_names("lost", "Text2ImageModel")
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(post, url, {"prompt": "survivor", "step": 1, "seed": 7},
-                              timeout=120)
-        wait_until(lambda: batcher.stats.remote().result()["batch_sizes"] == [1],
-                   what="the batch to reach the replica")
+        pending = occupy(pool, url, batcher, {"prompt": "survivor", "step": 1, "seed": 7},
+                         timeout=120)
         time.sleep(0.5)  # inside the pipeline call
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         response = pending.result()
