@@ -101,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--plot-with", action="append", default=[], metavar="JSON",
                        help="also chart an earlier --json result (e.g. a load sweep)")
     sweep.add_argument("--plot-title", default=None)
+    side = parser.add_argument_group(
+        "backends side by side (each in its own process, as a replica loads it)")
+    side.add_argument("--backends", default=None, metavar="LABEL,...",
+                      help="e.g. torch-eager,torch,openvino,openvino-int8 (first = reference);"
+                           " --model must be a diffusers directory")
+    side.add_argument("--cases", default="512x512,1024x1024,512x512x4", metavar="WxH[xB],...",
+                      help="sizes and batch per call (default: %(default)s)")
+    side.add_argument("--rounds", type=int, default=1,
+                      help="times the whole backend sequence runs (default: %(default)s)")
+    side.add_argument("--cache-dir", default=None, help="OpenVINO IR cache (default: a temp dir)")
+    side.add_argument("--work-dir", default=None, help="images for the diffs (default: temp)")
     load = parser.add_argument_group("HTTP load mode (no Ray started: it targets a URL)")
     load.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8000")
     load.add_argument("-n", "--requests", type=int, default=50)
@@ -196,6 +207,30 @@ def run_sweep_mode(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     return result
 
 
+def run_backends_mode(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    from serve_app.bench.backends import format_table, parse_backends, parse_cases, run_backends
+    from serve_app.bench.direct import FULL
+
+    if args.model == FULL:
+        raise SystemExit("--backends loads the model from files, as a replica does: save the "
+                         "full-size model first (python -m serve_app.bench.full_model DIR) "
+                         "and pass --model DIR")
+    try:
+        labels, cases = parse_backends(args.backends), parse_cases(args.cases)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    result = run_backends(
+        labels=labels, cases=cases, model=args.model, dtype=args.dtype,
+        threads=args.threads or len(os.sched_getaffinity(0)), rounds=args.rounds,
+        repeat=args.repeat, steps=args.step, seed=args.seed, cache_dir=args.cache_dir,
+        work_dir=args.work_dir)
+    result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
+    print(format_table(result))
+    return result
+
+
 def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
     from serve_app.bench.direct import (
         format_direct,
@@ -239,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # httpx logs every request at INFO: one line per request would bury the summary.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    result = run_load_mode(args) if args.url else run_direct_mode(args)
+    if args.url:
+        result = run_load_mode(args)
+    elif args.backends:
+        result = run_backends_mode(args)
+    else:
+        result = run_direct_mode(args)
     if args.json_path:
         path = Path(args.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -205,3 +205,48 @@ def test_compile_unet_bench_levers_variant(tiny_model_dir, tmp_path, capsys):
     assert len(data["steps_s"]) == 1
     assert 0 <= data["max_abs_diff_vs_eager"] <= 0.1  # bf16 reordering only
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == data
+
+
+def test_backends_side_by_side_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """`--backends`: each backend in its own process, loaded as a replica loads it; the
+    UNet step and VAE decode timed inside the same calls; diffs against the first."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "backends.json"
+    assert main(["--backends", "torch-eager,torch,openvino", "--model", str(tiny_model_dir),
+                 "--cases", "128x128,128x128x2", "--repeat", "2", "--step", "2",
+                 "--threads", "2", "--dtype", "float32", "--cache-dir", str(tmp_path / "ir"),
+                 "--work-dir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["mode"] == "backends"
+    assert data["config"]["dtype"] == "float32"
+    assert list(data["backends"]) == ["torch-eager", "torch", "openvino"]
+    assert [len(rounds) for rounds in data["rounds"].values()] == [1, 1, 1]
+    for label, entry in data["backends"].items():
+        assert entry["dtype"] == "float32"
+        assert entry["backend"] == ("openvino" if label == "openvino" else "torch")
+        assert list(entry["cases"]) == ["128x128 b1", "128x128 b2"]
+        for case in entry["cases"].values():
+            assert case["calls"] == 2
+            assert 0 < case["unet_step_s"] < case["total_s"]
+            assert 0 < case["vae_decode_s"] < case["total_s"]
+            assert entry["peak_rss_gb"] > 0
+    eager = data["backends"]["torch-eager"]
+    assert eager["applied"] == []
+    assert eager["cases"]["128x128 b1"]["image_diff_vs_reference"]["max_abs"] == 0
+    assert eager["cases"]["128x128 b1"]["speedup_vs_reference"] == 1.0
+    assert "prepack_linear" in data["backends"]["torch"]["applied"]
+    assert data["backends"]["openvino"]["applied"] == ["openvino_ir", "prompt_cache"]
+    # float32 OpenVINO matches torch eager float32 (tests/optimize/test_openvino.py).
+    ov = data["backends"]["openvino"]["cases"]["128x128 b2"]["image_diff_vs_reference"]
+    assert ov["mean_abs"] <= 0.01 and ov["max_abs"] <= 2
+    table = capsys.readouterr().out
+    assert "| openvino | float32 | 128x128 b2 |" in table
+
+
+def test_backends_mode_refuses_the_in_memory_full_model_and_unknown_labels(tmp_path):
+    with pytest.raises(SystemExit, match="save the full-size model first"):
+        main(["--backends", "torch"])
+    with pytest.raises(SystemExit, match=r"backends \['tensorrt'\]: choose from torch-eager"):
+        main(["--backends", "torch,tensorrt", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit, match="case '512': want WIDTHxHEIGHT"):
+        main(["--backends", "torch", "--model", str(tmp_path), "--cases", "512"])
