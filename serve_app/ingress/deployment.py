@@ -144,6 +144,7 @@ class Ingress:
             "busy": readiness.state == "busy",
             "model": info.get("model"),
             "backend": info.get("backend"),
+            "backendReason": info.get("backend_reason"),
             "dtype": info.get("dtype"),
             "dtypeReason": info.get("dtype_reason"),
             "cpu": info.get("cpu"),

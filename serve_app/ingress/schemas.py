@@ -94,6 +94,8 @@ class ReadyResponse(BaseModel):
     busy: bool = Field(description="The model replicas' queues are full right now.")
     model: str | None = None
     backend: str | None = None
+    backendReason: str | None = Field(
+        default=None, description="Why this backend: configured, or what `auto` measured.")
     dtype: str | None = None
     dtypeReason: str | None = None
     cpu: str | None = None

@@ -1,5 +1,6 @@
-"""Which backend runs the model: IPEX when it imports and matches torch, else upstream;
-OpenVINO IR when configured (model.backend openvino, serve_app/model/openvino/).
+"""Which backend runs the model: IPEX when it imports and matches torch; else OpenVINO IR
+(serve_app/model/openvino/) when configured, or for `auto` on the CPU classes where it
+measured fastest; else upstream torch.
 
 IPEX 2.8 is IPEX's last release and needs torch 2.8; with any other torch it either fails
 to import or refuses to work, so it is gated on the major.minor version pair.
@@ -41,11 +42,14 @@ def _import_openvino() -> ModuleType:
 
 
 def select_backend(requested: str, torch_version: str, *, device: str = "cpu",
+                   cpu_class: str | None = None,
                    import_ipex: Callable[[], ModuleType] = _import_ipex,
                    import_openvino: Callable[[], ModuleType] = _import_openvino
                    ) -> BackendChoice:
     """requested: 'auto', 'ipex', 'torch' or 'openvino'. 'ipex' or 'openvino' that cannot
-    be used is an error. 'auto' never picks openvino (see auto_rule_candidate)."""
+    be used is an error. 'auto' on CPU: IPEX when it matches torch (someone installed the
+    `ipex` extra on purpose), else OpenVINO where it measured fastest for `cpu_class`
+    (OPENVINO_MEASURED_FASTER) and imports, else torch."""
     if requested == "torch":
         return BackendChoice("torch", "configured")
     if requested == "openvino":
@@ -69,15 +73,25 @@ def select_backend(requested: str, torch_version: str, *, device: str = "cpu",
         reason = f"intel_extension_for_pytorch not usable: {type(exc).__name__}: {exc}"
         if requested == "ipex":
             raise RuntimeError(f"backend 'ipex' requested but {reason}") from exc
-        return BackendChoice("torch", reason)
+        return _auto_without_ipex(reason, requested, cpu_class, import_openvino)
     ipex_version = getattr(ipex, "__version__", "unknown")
     want, have = _major_minor(ipex_version), _major_minor(torch_version)
     if want is None or want != have:
         reason = f"IPEX {ipex_version} does not match torch {torch_version}"
         if requested == "ipex":
             raise RuntimeError(f"backend 'ipex' requested but {reason}")
-        return BackendChoice("torch", reason)
+        return _auto_without_ipex(reason, requested, cpu_class, import_openvino)
     return BackendChoice("ipex", f"IPEX {ipex_version} matches torch {torch_version}", ipex)
+
+
+def _auto_without_ipex(ipex_reason: str, requested: str, cpu_class: str | None,
+                       import_openvino: Callable[[], ModuleType]) -> BackendChoice:
+    if requested == "auto" and cpu_class is not None:
+        openvino, why_not = _auto_openvino(cpu_class, import_openvino)
+        if openvino is not None:
+            return openvino
+        return BackendChoice("torch", f"auto: {why_not}; {ipex_reason}")
+    return BackendChoice("torch", ipex_reason)
 
 
 def apply_ipex(choice: BackendChoice, pipe: Any, dtype: Any) -> None:
@@ -90,32 +104,26 @@ def apply_ipex(choice: BackendChoice, pipe: Any, dtype: Any) -> None:
             setattr(pipe, name, choice.module.optimize(module.eval(), dtype=dtype, inplace=True))
 
 
-# CPU classes (serve_app.model.cpu.CLASSES) where OpenVINO is expected to beat the torch
-# backend with its levers: a hypothesis until measured on the Xeons (BENCHMARKS.md).
-OPENVINO_CANDIDATE_CLASSES = frozenset({"amx"})
+# CPU classes (serve_app.model.cpu.CLASSES) where OpenVINO measured fastest, and the
+# measurement (BENCHMARKS.md, "Backends"). `auto` picks OpenVINO there when it is installed;
+# on the classes not listed nobody has measured it yet, and `auto` keeps torch.
+OPENVINO_MEASURED_FASTER: dict[str, str] = {
+    "avx2": "UNet step float32 1.42x torch eager (AMD EPYC, AVX2 only)",
+    "avx512_bf16": "512x512 bfloat16 1.20x torch eager, 1.07x torch with levers "
+                   "(AMD EPYC Zen 5)",
+}
 
 
-def auto_rule_candidate(cpu_class: str, *, ipex: BackendChoice, openvino_version: str | None,
-                        ir_cached: bool) -> BackendChoice:
-    """The rule `model.backend: auto` could follow once measured. NOT used by
-    select_backend: auto keeps picking IPEX or torch until Xeon numbers decide.
-
-    1. IPEX when it matches torch (as today): `ipex` is select_backend's auto choice.
-    2. OpenVINO when it is installed, the IR for this model, versions and options is
-       already cached (auto must never start a multi-GB export on its own), and the CPU's
-       class is one where OpenVINO measured faster (OPENVINO_CANDIDATE_CLASSES).
-    3. torch otherwise.
-    """
-    if ipex.name == "ipex":
-        return ipex
-    if openvino_version is None:
-        return BackendChoice("torch", "candidate: openvino not installed")
-    if cpu_class not in OPENVINO_CANDIDATE_CLASSES:
-        classes = ", ".join(sorted(OPENVINO_CANDIDATE_CLASSES))
-        return BackendChoice("torch", f"candidate: CPU {cpu_class} is not one where OpenVINO "
-                                      f"measured faster ({classes})")
-    if not ir_cached:
-        return BackendChoice("torch", "candidate: no OpenVINO IR cached for this model "
-                                      "(run sdxl-turbo-export)")
-    return BackendChoice("openvino", f"candidate: OpenVINO {openvino_version} on CPU "
-                                     f"{cpu_class} with the IR cached")
+def _auto_openvino(cpu_class: str | None, import_openvino: Callable[[], ModuleType]
+                   ) -> tuple[BackendChoice | None, str]:
+    """The OpenVINO choice `auto` makes on this CPU class, or (None, why not)."""
+    if cpu_class not in OPENVINO_MEASURED_FASTER:
+        return None, f"OpenVINO not measured on {cpu_class} CPUs"
+    try:
+        openvino = import_openvino()
+    except Exception as exc:
+        return None, f"openvino not installed ({type(exc).__name__})"
+    version = getattr(openvino, "__version__", "unknown").split("-", 1)[0]
+    return BackendChoice("openvino", f"auto: OpenVINO {version} measured fastest on "
+                                     f"{cpu_class} CPUs ({OPENVINO_MEASURED_FASTER[cpu_class]})",
+                         openvino), ""

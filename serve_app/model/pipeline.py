@@ -12,7 +12,7 @@ import torch
 
 from serve_app.config import AppConfig, parse_size
 from serve_app.model import cpu
-from serve_app.model.backend import apply_ipex, select_backend
+from serve_app.model.backend import BackendChoice, apply_ipex, select_backend
 from serve_app.model.source import resolve_model_dir
 from serve_app.protocol import GenerationItem, flatten_group, split_images
 
@@ -76,6 +76,22 @@ def device_and_dtype(num_gpus: float, requested: str,
     return device, cpu.choose_dtype(requested, device, cpu.host() if caps is None else caps)
 
 
+def _try_openvino(config: AppConfig, backend: BackendChoice) -> DiffusersGenerator | str:
+    """`auto` chose OpenVINO: its generator, or the one-line warning that the replica falls
+    back to torch with (an export that ran out of memory, a cache it cannot write, sizes
+    its IR cannot run). An explicit `openvino` fails the start instead."""
+    from serve_app.model.openvino.runtime import load_openvino_generator
+
+    try:
+        return load_openvino_generator(config, backend=backend)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warning = (f"backend auto: OpenVINO could not start ({type(exc).__name__}: "
+                   f"{detail[:300]}); running torch instead")
+        logger.warning("%s", warning, exc_info=True)
+        return warning
+
+
 def load_generator(config: AppConfig) -> DiffusersGenerator:
     from diffusers import StableDiffusionXLPipeline
 
@@ -87,8 +103,19 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     # Threads follow the replica's CPU count, not the host's core count.
     torch.set_num_threads(config.replica.num_cpus)
     device, choice = device_and_dtype(config.replica.num_gpus, model_cfg.dtype)
+    backend = select_backend(model_cfg.backend, torch.__version__, device=device,
+                             cpu_class=cpu.host().cpu_class if device == "cpu" else None)
+    fallback: str | None = None
+    if backend.name == "openvino":
+        started_openvino = _try_openvino(config, backend)
+        if not isinstance(started_openvino, str):
+            return started_openvino
+        fallback = started_openvino
+        backend = BackendChoice("torch", "auto: OpenVINO failed to start (see warnings)")
     dtype_name, dtype = choice.name, DTYPES[choice.name]
     warnings = [choice.warning] if choice.warning else []
+    if fallback:
+        warnings.append(fallback)
     if choice.warning:
         logger.warning("%s", choice.warning)
     logger.info("dtype %s (%s)", dtype_name, choice.reason)
@@ -103,7 +130,6 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     pipe.to(device)
     logger.info("pipeline loaded in %.2fs", time.perf_counter() - stage)
 
-    backend = select_backend(model_cfg.backend, torch.__version__, device=device)
     stage = time.perf_counter()
     if device == "cpu":
         from serve_app.model.optimize import optimize_pipeline

@@ -140,17 +140,36 @@ def test_mixed_shapes_never_share_a_batch(tiny_app):
 
 
 def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
+    """The default config (`backend: auto`, `dtype: auto`): on the CPU classes where
+    OpenVINO measured fastest it serves on OpenVINO, elsewhere on torch with the levers."""
+    from serve_app.model.backend import OPENVINO_MEASURED_FASTER
+
     response = httpx.get(f"{tiny_app}/readyz", timeout=30)
     assert response.status_code == 200
     # The replica runs on this host, so it sees the CPU the test sees (and the same cap).
     caps = cpu.host()
     choice = cpu.choose_dtype("auto", "cpu", caps)
     assert choice.name == ("bfloat16" if caps.native_bf16 else "float32")
-    assert response.json() == {
-        "status": "ready", "busy": False, "model": "embedded:tiny-sdxl", "backend": "torch",
-        "dtype": choice.name, "dtypeReason": choice.reason, "cpu": caps.describe(),
-        "device": "cpu", "threads": 2, "tee": None, "warnings": [],
-        "optimizations": {"applied": ["fuse_attention", "cross_attention_kv_cache",
-                                      "fuse_geglu", "prepack_linear", "channels_last",
-                                      "prepack_conv", "prompt_cache"], "skipped": {}}}
+    body = response.json()
+    reason = body.pop("backendReason")
+    common = {"status": "ready", "busy": False, "model": "embedded:tiny-sdxl",
+              "dtype": choice.name, "cpu": caps.describe(), "device": "cpu", "threads": 2,
+              "tee": None, "warnings": []}
+    if caps.cpu_class in OPENVINO_MEASURED_FASTER:
+        assert reason.startswith("auto: OpenVINO 20")
+        assert reason.endswith(f" measured fastest on {caps.cpu_class} CPUs "
+                               f"({OPENVINO_MEASURED_FASTER[caps.cpu_class]})")
+        assert body == {**common, "backend": "openvino",
+                        "dtypeReason": f"{choice.reason}; OpenVINO CPU "
+                                       f"INFERENCE_PRECISION_HINT {choice.name}",
+                        "optimizations": {"applied": ["openvino_ir", "prompt_cache"],
+                                          "skipped": {}}}
+    else:
+        assert reason.startswith(f"auto: OpenVINO not measured on {caps.cpu_class} CPUs; ")
+        assert body == {**common, "backend": "torch", "dtypeReason": choice.reason,
+                        "optimizations": {"applied": ["fuse_attention",
+                                                      "cross_attention_kv_cache",
+                                                      "fuse_geglu", "prepack_linear",
+                                                      "channels_last", "prepack_conv",
+                                                      "prompt_cache"], "skipped": {}}}
     assert httpx.get(f"{tiny_app}/healthz").json() == {"status": "ok"}

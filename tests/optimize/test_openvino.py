@@ -259,3 +259,65 @@ def test_the_cli_exports_once_and_replicas_start_from_its_ir(model_cache, tmp_pa
     assert generator.info["openvino"]["ir"] == str(entries[0])
     assert generator.info["openvino"]["exported"] is False
     assert {p.name: p.stat().st_mtime_ns for p in entries[0].iterdir()} == mtimes
+
+
+def auto_config(model_cache: Path, **openvino: object) -> AppConfig:
+    return AppConfig.model_validate({
+        "model": {"cache_dir": str(model_cache), "backend": "auto", "warmup_sizes": [],
+                  "openvino": openvino},
+        "replica": {"num_cpus": 2},
+        "limits": {"allowed_sizes": ["128x128", "512x512"]},
+    })
+
+
+def test_auto_runs_openvino_on_the_classes_where_it_measured_fastest(first_start, model_cache):
+    """This host's class decides (every CI host runs one side of it; the AVX2-capped
+    pass in .ci/run runs the avx2 class)."""
+    from serve_app.model.backend import OPENVINO_MEASURED_FASTER
+
+    caps = cpu.host()
+    generator = load_generator(auto_config(model_cache))
+    info = generator.info
+    if caps.cpu_class in OPENVINO_MEASURED_FASTER:
+        assert info["backend"] == "openvino"
+        assert info["backend_reason"].startswith(
+            f"auto: OpenVINO {openvino_version()} measured fastest on {caps.cpu_class} CPUs (")
+        assert info["optimizations"] == ["openvino_ir", "prompt_cache"]
+    else:
+        assert info["backend"] == "torch"
+        assert info["backend_reason"].startswith(
+            f"auto: OpenVINO not measured on {caps.cpu_class} CPUs; ")
+    assert info["dtype"] == cpu.choose_dtype("auto", "cpu", caps).name
+    assert info["warnings"] == []
+    images = flat(generator.generate(SMALL))
+    assert images.shape == (3, 128, 128, 3)
+
+
+def test_auto_falls_back_to_torch_when_openvino_cannot_start(model_cache, tmp_path,
+                                                             monkeypatch):
+    """An unwritable IR cache fails an explicit `openvino` (above); under `auto` the
+    replica serves on torch and says why, in one line."""
+    from serve_app.model import backend
+
+    caps = cpu.host()
+    monkeypatch.setitem(backend.OPENVINO_MEASURED_FASTER, caps.cpu_class, "as if measured")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    generator = load_generator(auto_config(model_cache, cache_dir=str(blocker / "ir")))
+    info = generator.info
+    assert (info["backend"], info["backend_reason"]) == (
+        "torch", "auto: OpenVINO failed to start (see warnings)")
+    [warning] = info["warnings"]
+    assert warning.startswith(f"backend auto: OpenVINO could not start (CacheNotWritableError: "
+                              f"OpenVINO IR cache {blocker / 'ir'} is not writable")
+    assert warning.endswith("; running torch instead")
+    assert "\n" not in warning
+    assert "prepack_linear" in info["optimizations"] or "prepack_linear" in info[
+        "optimizations_skipped"]
+    assert flat(generator.generate(SMALL)).shape == (3, 128, 128, 3)
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return openvino.__version__.split("-", 1)[0]

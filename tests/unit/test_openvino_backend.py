@@ -1,4 +1,4 @@
-"""model.backend openvino: the config, the backend choice, and the candidate rule for auto."""
+"""model.backend openvino: the config, the backend choice, and the rule `auto` follows."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.config import AppConfig
-from serve_app.model.backend import (
-    OPENVINO_CANDIDATE_CLASSES,
-    BackendChoice,
-    auto_rule_candidate,
-    select_backend,
-)
+from serve_app.model.backend import OPENVINO_MEASURED_FASTER, select_backend
 
 
 def fake_openvino():
@@ -66,33 +61,55 @@ def test_openvino_on_a_gpu_replica_is_an_error():
         select_backend("openvino", "2.13.0", device="cuda", import_openvino=fake_openvino)
 
 
-def test_auto_never_picks_openvino_today():
-    choice = select_backend("auto", "2.13.0+cpu", import_ipex=no_ipex,
+NO_IPEX = ("intel_extension_for_pytorch not usable: ImportError: No module named "
+           "'intel_extension_for_pytorch'")
+
+
+@pytest.mark.parametrize("cpu_class, evidence", sorted(OPENVINO_MEASURED_FASTER.items()))
+def test_auto_picks_openvino_on_the_classes_where_it_measured_fastest(cpu_class, evidence):
+    choice = select_backend("auto", "2.13.0+cpu", cpu_class=cpu_class, import_ipex=no_ipex,
                             import_openvino=fake_openvino)
-    assert choice.name == "torch"
+    assert (choice.name, choice.reason) == (
+        "openvino", f"auto: OpenVINO 2026.4.1 measured fastest on {cpu_class} CPUs "
+                    f"({evidence})")
 
 
-IPEX = BackendChoice("ipex", "IPEX 2.8.0 matches torch 2.8.0")
-TORCH = BackendChoice("torch", "intel_extension_for_pytorch not usable")
+def test_the_measured_classes_are_the_two_development_host_classes():
+    assert set(OPENVINO_MEASURED_FASTER) == {"avx2", "avx512_bf16"}
 
 
-@pytest.mark.parametrize("cpu_class, ipex, version, cached, expected", [
-    ("amx", IPEX, "2026.4.1", True, ("ipex", "IPEX 2.8.0 matches torch 2.8.0")),
-    ("amx", TORCH, "2026.4.1", True,
-     ("openvino", "candidate: OpenVINO 2026.4.1 on CPU amx with the IR cached")),
-    ("amx", TORCH, "2026.4.1", False,
-     ("torch", "candidate: no OpenVINO IR cached for this model (run sdxl-turbo-export)")),
-    ("amx", TORCH, None, True, ("torch", "candidate: openvino not installed")),
-    ("avx2", TORCH, "2026.4.1", True,
-     ("torch", "candidate: CPU avx2 is not one where OpenVINO measured faster (amx)")),
-    ("avx512_bf16", TORCH, "2026.4.1", True,
-     ("torch", "candidate: CPU avx512_bf16 is not one where OpenVINO measured faster (amx)")),
-])
-def test_the_auto_rule_candidate(cpu_class, ipex, version, cached, expected):
-    assert OPENVINO_CANDIDATE_CLASSES == frozenset({"amx"})
-    choice = auto_rule_candidate(cpu_class, ipex=ipex, openvino_version=version,
-                                 ir_cached=cached)
-    assert (choice.name, choice.reason) == expected
+@pytest.mark.parametrize("cpu_class", ["baseline", "avx512", "amx"])
+def test_auto_keeps_torch_where_openvino_was_never_measured(cpu_class):
+    choice = select_backend("auto", "2.13.0+cpu", cpu_class=cpu_class, import_ipex=no_ipex,
+                            import_openvino=fake_openvino)
+    assert (choice.name, choice.reason) == (
+        "torch", f"auto: OpenVINO not measured on {cpu_class} CPUs; {NO_IPEX}")
+
+
+def test_auto_without_openvino_installed_keeps_torch():
+    choice = select_backend("auto", "2.13.0+cpu", cpu_class="avx2", import_ipex=no_ipex,
+                            import_openvino=no_openvino)
+    assert (choice.name, choice.reason) == (
+        "torch", f"auto: openvino not installed (ImportError); {NO_IPEX}")
+
+
+def test_auto_prefers_a_matching_ipex_that_someone_installed_on_purpose():
+    ipex = types.SimpleNamespace(__version__="2.8.0+cpu")
+    choice = select_backend("auto", "2.8.0+cpu", cpu_class="avx512_bf16",
+                            import_ipex=lambda: ipex, import_openvino=fake_openvino)
+    assert (choice.name, choice.reason) == ("ipex", "IPEX 2.8.0+cpu matches torch 2.8.0+cpu")
+
+
+def test_auto_on_a_gpu_replica_is_torch_whatever_the_cpu():
+    choice = select_backend("auto", "2.13.0", device="cuda", cpu_class="avx2",
+                            import_ipex=no_ipex, import_openvino=fake_openvino)
+    assert (choice.name, choice.reason) == ("torch", "device cuda")
+
+
+def test_torch_configured_is_torch_on_every_class():
+    choice = select_backend("torch", "2.13.0+cpu", cpu_class="avx2",
+                            import_ipex=no_ipex, import_openvino=fake_openvino)
+    assert (choice.name, choice.reason) == ("torch", "configured")
 
 
 def test_sizes_the_ir_cannot_run_fail_the_start():

@@ -23,7 +23,7 @@ import torch
 
 from serve_app.config import AppConfig, parse_size
 from serve_app.model import cpu
-from serve_app.model.backend import select_backend
+from serve_app.model.backend import BackendChoice, select_backend
 from serve_app.model.openvino import export as export_module
 from serve_app.model.openvino.cache import MARKER, ExportSpec
 from serve_app.model.openvino.export import Exporter, ensure_ir
@@ -195,18 +195,18 @@ def check_sizes(sizes: list[str], unet_config: dict[str, Any]) -> None:
                          f"pixels, which this model's OpenVINO IR needs")
 
 
-def load_openvino_generator(config: AppConfig,
-                            export: Exporter | None = None) -> DiffusersGenerator:
-    """model.backend openvino: IR from the cache (exported first, in a subprocess, when it
-    is not there), compiled with replica.num_cpus threads, warmed up. `export` replaces the
-    subprocess export (tests count exports through it)."""
+def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
+                            backend: BackendChoice | None = None) -> DiffusersGenerator:
+    """model.backend openvino (or `auto` choosing it: `backend` says why): IR from the cache
+    (exported first, in a subprocess, when it is not there), compiled with replica.num_cpus
+    threads, warmed up. `export` replaces the subprocess export (tests count exports)."""
     model_cfg = config.model
     started = time.perf_counter()
     threads = config.replica.num_cpus
     torch.set_num_threads(threads)  # the scheduler's and the image processor's tensor ops
     device, choice = device_and_dtype(config.replica.num_gpus, model_cfg.dtype)
     # A GPU replica or a missing openvino fails here, with the reason.
-    backend = select_backend("openvino", torch.__version__, device=device)
+    backend = backend or select_backend("openvino", torch.__version__, device=device)
     model_dir = resolve_model_dir(model_cfg.source, model_cfg.revision, model_cfg.cache_dir)
     spec = ExportSpec(source=model_cfg.source, revision=model_cfg.revision,
                       model_dir=str(model_dir), dtype=choice.name,
