@@ -21,15 +21,18 @@ CUDA_WHEEL = re.compile(r"^(nvidia|cuda)[-_.]", re.IGNORECASE)
 
 
 def pins(pyproject: str) -> dict[str, str]:
-    """{'ray': ..., 'torch': ...}: the exact versions pyproject.toml pins for the image."""
+    """{'ray': ..., 'torch': ..., 'openvino': ...}: the exact versions pyproject.toml pins
+    for the image."""
     project = tomllib.loads(pyproject)["project"]
 
     def pin(requirements: list[str], name: str) -> str:
         (line,) = [r for r in requirements if re.match(rf"^{name}(\[[^\]]*\])?==", r)]
         return line.split("==", 1)[1].strip()
 
+    # openvino too: the IR cache is keyed by its version, and `auto` may run it.
     return {"ray": pin(project["dependencies"], "ray"),
-            "torch": pin(project["optional-dependencies"]["cpu"], "torch")}
+            "torch": pin(project["optional-dependencies"]["cpu"], "torch"),
+            "openvino": pin(project["optional-dependencies"]["cpu"], "openvino")}
 
 
 def problems(expected: dict[str, str], installed: dict[str, str],

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "kuberay"
 CRD = REPO.parent / "shared" / "kuberay" / "ray.io_rayservices.v1.7.0.yaml"
 PRODUCTION = REPO / "configs" / "production.yaml"
-BUILDS = ("base", "overlays/g8i", "overlays/tdx", "overlays/g8i-lite", "storage")
+BUILDS = ("base", "overlays/g8i", "overlays/tdx", "overlays/g8i-lite", "storage",
+          "openvino-export")
 OVERLAYS = ("overlays/g8i", "overlays/tdx", "overlays/g8i-lite")
 KUBERNETES_VERSION = "1.33.0"   # ACK's current line; kubernetes-validate ships its schemas
 TDX_LABEL = {"nodepool-label": "tdx-vm-pool"}

@@ -68,7 +68,7 @@ def test_torch_is_the_cpu_build_from_pytorchs_index_before_the_project() -> None
     assert pips == [
         ["pip", "install", "--index-url", "https://download.pytorch.org/whl/cpu",
          f"torch=={torch_version}"],
-        ["pip", "install", ".[cpu,s3]"],
+        ["pip", "install", ".[cpu,s3,openvino]"],
     ]
     assert not [a for argv in run_commands(text) for a in argv if "extra-index-url" in a]
     assert "latest" not in text
@@ -81,7 +81,7 @@ def test_build_fails_unless_the_installed_torch_is_a_cpu_build() -> None:
     commands = run_commands(text)
     check = ["python", "docker/check_image.py", "pyproject.toml"]
     assert commands.count(check) == 1
-    assert commands.index(check) > commands.index(["pip", "install", ".[cpu,s3]"])
+    assert commands.index(check) > commands.index(["pip", "install", ".[cpu,s3,openvino]"])
     # Same RUN as the installs: the layer (and the build) fails with the check.
     (run,) = [args for keyword, args in instructions(text)
               if keyword == "RUN" and "check_image.py" in args]
@@ -98,17 +98,18 @@ def _check_image_module():
 def test_image_check_rejects_cuda_torch_and_wrong_pins() -> None:
     check = _check_image_module()
     pins = check.pins((REPO / "pyproject.toml").read_text())
-    assert pins == {"ray": "2.60.0", "torch": "2.13.0"}
-    cpu = {"ray": "2.60.0", "torch": "2.13.0+cpu", "numpy": "2.3.0"}
+    assert pins == {"ray": "2.60.0", "torch": "2.13.0", "openvino": "2026.4.1"}
+    cpu = {"ray": "2.60.0", "torch": "2.13.0+cpu", "openvino": "2026.4.1", "numpy": "2.3.0"}
     assert check.problems(pins, cpu, None) == []
     # What PyPI's torch==2.13.0 installs on Linux x86_64.
-    cuda = {"ray": "2.60.0", "torch": "2.13.0", "nvidia-cublas-cu12": "12.8.4.1",
+    cuda = {"ray": "2.60.0", "torch": "2.13.0", "openvino": "2026.4.1",
+            "nvidia-cublas-cu12": "12.8.4.1",
             "cuda-toolkit": "12.8.1"}
     assert check.problems(pins, cuda, "12.8") == [
         "torch is a CUDA build (torch.version.cuda == '12.8')",
         "CUDA wheels installed: cuda-toolkit, nvidia-cublas-cu12",
     ]
-    assert check.problems(pins, {"ray": "2.59.0"}, None) == [
+    assert check.problems(pins, {"ray": "2.59.0", "openvino": "2026.4.1"}, None) == [
         "ray 2.59.0 installed, 2.60.0 pinned", "torch None installed, 2.13.0 pinned"]
 
 

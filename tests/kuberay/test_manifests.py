@@ -17,6 +17,7 @@ from tests.kuberay import kustomize_lite
 from tests.kuberay.manifests import (
     BUILDS,
     CRD,
+    G8I_LABEL,
     KUBECTL,
     KUBERAY,
     KUBERNETES_VERSION,
@@ -31,7 +32,7 @@ from tests.kuberay.manifests import (
 
 def test_every_yaml_file_parses() -> None:
     files = all_yaml_files()
-    assert len(files) == 12
+    assert len(files) == 15
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs, path
@@ -50,6 +51,7 @@ def test_build_parses(name: str) -> None:
         "overlays/g8i-lite": ["PersistentVolume", "PersistentVolumeClaim"] + budgets + [
             "RayService"],
         "storage": ["PersistentVolume", "PersistentVolumeClaim"],
+        "openvino-export": ["Job", "PersistentVolume", "PersistentVolumeClaim"],
     }[name]
     assert kinds == expected
 
@@ -283,3 +285,39 @@ def test_secret_references_by_name_only_in_raw_files() -> None:
     pattern = re.compile(r"(?im)^\s*(kind:\s*Secret|stringData:|data:)\s*$")
     for path in all_yaml_files():
         assert pattern.search(path.read_text()) is None, path
+
+
+def test_openvino_export_job_writes_where_the_replicas_read() -> None:
+    """The optional export Job (kuberay/openvino-export): strictly valid objects; the same
+    bucket path as the read-only weights volume; the source the serve config names; the
+    lite image the g8i-lite overlay runs; non-root; a memory limit above the measured
+    export peak (15.8-16.6 GB, BENCHMARKS.md)."""
+    objects = build("openvino-export")
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["Job", "PersistentVolume", "PersistentVolumeClaim"]
+    writer = next(o for o in objects if o["kind"] == "PersistentVolume")
+    reader = next(o for o in build("storage") if o["kind"] == "PersistentVolume")
+    attrs, read_attrs = writer["spec"]["csi"]["volumeAttributes"], reader["spec"]["csi"][
+        "volumeAttributes"]
+    assert (attrs["bucket"], attrs["url"], attrs["path"]) == (
+        read_attrs["bucket"], read_attrs["url"], read_attrs["path"])
+    assert "fuseType" not in attrs  # ossfs 1.0 writes; ossfs 2.0 is read-only here
+    assert writer["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = next(o for o in objects if o["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    production = yaml.safe_load(open("configs/production.yaml"))["applications"][0]["args"]
+    assert container["command"] == ["sdxl-turbo-export"]
+    assert container["args"] == ["--source", production["model"]["source"],
+                                 "--dtype", "bfloat16"]
+    [mount] = container["volumeMounts"]
+    assert production["model"]["source"].startswith(mount["mountPath"] + "/")
+    assert pod["volumes"] == [{"name": mount["name"], "persistentVolumeClaim": {
+        "claimName": "sdxl-turbo-weights-writer"}}]
+    lite = rayservice("overlays/g8i-lite")["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]
+    assert container["image"] == lite["template"]["spec"]["containers"][0]["image"]
+    assert pod["nodeSelector"] == G8I_LABEL
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["resources"]["limits"]["memory"] == "24Gi"
