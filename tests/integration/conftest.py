@@ -84,6 +84,17 @@ def deployed(serve_url) -> Iterator[Callable[..., str]]:
         serve.delete(name)
 
 
+def ready_within(url: str, seconds: float = 60.0) -> httpx.Response:
+    """/readyz as a probe sees it once the model replica answers (a probe never waits more
+    than 0.5 s, so right after the deployment it can still say 503 on a loaded machine)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = httpx.get(f"{url}/readyz", timeout=10)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.5)
+
+
 def fake_args(store_dir, **overrides) -> dict:
     args = {
         "model": {"source": "fake", "generator": "serve_app.testing:load_fake_generator",

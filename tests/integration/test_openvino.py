@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 from serve_app.model import cpu
-from tests.integration.conftest import REFERENCE_PROMPT, deploy, post
+from tests.integration.conftest import REFERENCE_PROMPT, deploy, post, ready_within
 
 pytest.importorskip("openvino", reason="openvino is not installed: pip install -e '.[openvino]'")
 
@@ -30,17 +29,6 @@ def ov_args(paths: dict[str, Path]) -> dict:
         "ingress": {"num_cpus": 0.1},
         "store": {"url": str(paths["store"])},
     }
-
-
-def ready_within(url: str, seconds: float = 60.0) -> httpx.Response:
-    """/readyz as a probe sees it once the model replica answers (a probe never waits more
-    than 0.5 s, so right after the deployment it can still say 503 on a loaded machine)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        response = httpx.get(f"{url}/readyz", timeout=10)
-        if response.status_code == 200 or time.monotonic() > deadline:
-            return response
-        time.sleep(0.5)
 
 
 def run_app(name: str, paths: dict[str, Path]) -> dict:

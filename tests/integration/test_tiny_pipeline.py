@@ -11,7 +11,7 @@ from PIL import Image
 
 from serve_app.bench.load import parse_server_timing
 from serve_app.model import cpu
-from tests.integration.conftest import REFERENCE_PROMPT, post
+from tests.integration.conftest import REFERENCE_PROMPT, post, ready_within
 
 
 def fetch_png(url: str) -> Image.Image:
@@ -144,7 +144,7 @@ def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
     OpenVINO measured fastest it serves on OpenVINO, elsewhere on torch with the levers."""
     from serve_app.model.backend import OPENVINO_MEASURED_FASTER
 
-    response = httpx.get(f"{tiny_app}/readyz", timeout=30)
+    response = ready_within(tiny_app)
     assert response.status_code == 200
     # The replica runs on this host, so it sees the CPU the test sees (and the same cap).
     caps = cpu.host()
