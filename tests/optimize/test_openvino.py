@@ -321,3 +321,22 @@ def openvino_version() -> str:
     import openvino
 
     return openvino.__version__.split("-", 1)[0]
+
+
+def test_the_vae_encoder_matches_torch_for_image_to_image(first_start, model_dir):
+    """Image-to-image encodes its input with the exported encoder: the latent distribution
+    equals torch's in float32, and sampling it with a seeded generator gives the same
+    latents (the sampling stays in torch)."""
+    from diffusers import AutoencoderKL
+
+    generator = first_start[0]
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32)
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.inference_mode():
+        want = vae.encode(image).latent_dist
+    got = generator.pipe.vae.encode(image).latent_dist
+    assert got.mean.shape == want.mean.shape == (2, 4, 16, 16)
+    assert torch.allclose(got.mean, want.mean, atol=1e-4)
+    assert torch.allclose(got.logvar, want.logvar, atol=1e-4)
+    sampled = [d.sample(torch.Generator().manual_seed(11)) for d in (got, want)]
+    assert torch.allclose(sampled[0], sampled[1], atol=1e-4)

@@ -77,7 +77,7 @@ def test_key_material_holds_model_versions_and_options(tmp_path):
     spec = ExportSpec(source="stabilityai/sdxl-turbo", model_dir=str(model), dtype="bfloat16",
                       revision="abc", weights="int8")
     material = key_material(spec, package_versions=VERSIONS)
-    assert material["format"] == cache.EXPORT_FORMAT == 1
+    assert material["format"] == cache.EXPORT_FORMAT == 2  # 2: the VAE encoder joined
     assert material["model"]["source"] == "stabilityai/sdxl-turbo"
     assert material["model"]["revision"] == "abc"
     assert material["versions"] == VERSIONS

@@ -30,10 +30,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Bump when what the exporter writes changes (network signatures, file names, configs.json).
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 # The networks the backend runs, one IR each (the VAE's decoder only: text-to-image never
 # encodes an image).
-NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+# vae_encoder: image-to-image encodes its input image (format 2 added it).
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 # Model files that decide what the IR holds: the components' configs and weights, the
 # tokenizers and scheduler the runtime loads beside it.
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",

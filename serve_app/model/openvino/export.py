@@ -154,11 +154,40 @@ def _convert_vae_decoder(model_dir: str) -> tuple[Any, dict[str, Any]]:
     return model, dict(vae.config)
 
 
+def _convert_vae_encoder(model_dir: str) -> tuple[Any, dict[str, Any]]:
+    """The encoder up to the latent distribution's moments (mean and log-variance): the
+    sampling stays in torch, with the request's generator, as diffusers does it."""
+    import openvino as ov
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image):
+            hidden = self.inner.encoder(image)
+            quant_conv = getattr(self.inner, "quant_conv", None)
+            return hidden if quant_conv is None else quant_conv(hidden)
+
+    side = 8 * 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = int(vae.config.in_channels)
+    with torch.no_grad():
+        model = ov.convert_model(Encoder(vae),
+                                 example_input=(torch.randn(1, channels, side * 2, side * 2),),
+                                 input=[([-1, channels, -1, -1], ov.Type.f32)])
+    return model, dict(vae.config)
+
+
 CONVERTERS: dict[str, Callable[[str], tuple[Any, dict[str, Any]]]] = {
     "text_encoder": lambda d: _convert_text_encoder(d, "text_encoder"),
     "text_encoder_2": lambda d: _convert_text_encoder(d, "text_encoder_2"),
     "unet": _convert_unet,
     "vae_decoder": _convert_vae_decoder,
+    "vae_encoder": _convert_vae_encoder,
 }
 
 

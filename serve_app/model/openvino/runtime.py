@@ -113,6 +113,24 @@ class OVUNet(_OVNetwork):
 
 
 class OVVaeDecoder(_OVNetwork):
+    """The VAE as the pipelines use it: decode, and encode for image-to-image (a second
+    compiled model, the encoder up to the latent moments)."""
+
+    def __init__(self, compiled: Any, config: dict[str, Any], encoder: Any = None) -> None:
+        super().__init__(compiled, config)
+        self.encoder_request = None if encoder is None else encoder.create_infer_request()
+
+    def encode(self, image: torch.Tensor, return_dict: bool = True) -> Any:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        if self.encoder_request is None:
+            raise TypeError("OpenVINO VAE: this IR has no encoder")
+        result = self.encoder_request.infer([_f32(image)], share_inputs=True,
+                                            share_outputs=False)
+        posterior = DiagonalGaussianDistribution(torch.from_numpy(result[0]))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
     def decode(self, latents: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
         if return_dict:
             raise TypeError("OpenVINO VAE decoder: return_dict is not supported")
@@ -154,7 +172,8 @@ def build_pipeline(ir_dir: Path, model_dir: Path, *, threads: int, dtype: str,
         "text_encoder": OVTextEncoder(compiled("text_encoder"), configs["text_encoder"]),
         "text_encoder_2": OVTextEncoder(compiled("text_encoder_2"), configs["text_encoder_2"]),
         "unet": OVUNet(compiled("unet"), configs["unet"]),
-        "vae": OVVaeDecoder(compiled("vae_decoder"), configs["vae_decoder"]),
+        "vae": OVVaeDecoder(compiled("vae_decoder"), configs["vae_decoder"],
+                            encoder=compiled("vae_encoder")),
     }
     index = json.loads((model_dir / "model_index.json").read_text())
     pipe = StableDiffusionXLPipeline(
