@@ -40,6 +40,20 @@ class InvalidRequest(ServiceError):
     code = "invalid_request"
 
 
+class InvalidImage(InvalidRequest):
+    """An image-to-image input that is not a PNG or JPEG within the limits, or does not
+    decode (truncated, corrupt)."""
+
+    code = "invalid_image"
+
+
+class NotSupported(ServiceError):
+    """A feature the serving backend lacks (image-to-image on OpenVINO)."""
+
+    status_code = 501
+    code = "not_supported"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     code = "payload_too_large"

@@ -27,9 +27,19 @@ from serve_app.errors import (
 from serve_app.ingress.auth import ApiKeys
 from serve_app.ingress.generation import GenerationService
 from serve_app.ingress.head_requests import HeadAsGet
-from serve_app.ingress.parsing import parse_request, read_body
+from serve_app.ingress.parsing import (
+    image_body_limit,
+    is_multipart,
+    load_json_object,
+    parse_form,
+    parse_request,
+    read_body,
+    validate_request,
+)
 from serve_app.ingress.readiness import ReadinessProbe
 from serve_app.ingress.schemas import (
+    Image2ImageRequest,
+    Image2ImageResponse,
     ReadyResponse,
     Text2ImageRequest,
     Text2ImageResponse,
@@ -68,7 +78,18 @@ def _body_schema(model: type[Text2ImageRequest]) -> dict[str, Any]:
                             "content": {"application/json": {"schema": schema}}}}
 
 
+def _image_body_schema(model: type[Text2ImageRequest]) -> dict[str, Any]:
+    """JSON with the image in base64, or multipart/form-data with the image as a file."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    form = {**schema, "properties": {**schema["properties"],
+                                     "image": {"type": "string", "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema},
+        "multipart/form-data": {"schema": form}}}}
+
+
 _REQUEST_BODY_SCHEMA = _body_schema(Text2ImageRequest)
+_IMAGE_BODY_SCHEMA = _image_body_schema(Image2ImageRequest)
 _JOB_BODY_SCHEMA = _body_schema(JobRequest)
 
 
@@ -178,8 +199,39 @@ class Ingress:
         # its trace id) and logs it beside our id; a second value would contradict it.
         return JSONResponse(response, headers={"Server-Timing": server_timing(timings)})
 
-    async def _read_body(self, request: Request) -> bytes:
-        return await read_body(request.stream(), request.headers.get("content-length"))
+    async def _read_body(self, request: Request, limit: int | None = None) -> bytes:
+        if limit is None:
+            return await read_body(request.stream(), request.headers.get("content-length"))
+        return await read_body(request.stream(), request.headers.get("content-length"), limit)
+
+    async def _image_request(self, request: Request) -> Image2ImageRequest:
+        """JSON (image in base64) or multipart/form-data (image as a file part)."""
+        limits = self.config.limits
+        body = await self._read_body(request, image_body_limit(limits))
+        content_type = request.headers.get("content-type")
+        if is_multipart(content_type):
+            data = await parse_form(body, content_type or "", "image", limits)
+        else:
+            data = load_json_object(body)
+        return validate_request(data, self.config, Image2ImageRequest)
+
+    @app.post(
+        "/api/image2image",
+        response_model=Image2ImageResponse,
+        openapi_extra=_IMAGE_BODY_SCHEMA,
+        responses=error_responses(401, 413, 422, 500, 501, 503, 504),
+    )
+    async def image2image(self, request: Request) -> JSONResponse:
+        """Image-to-image: the text-to-image fields plus `image` and `strength`. The input
+        image is fitted to `size` (scaled to cover it, centre-cropped) and never stored."""
+        self._authorize(request)
+        body = await self._image_request(request)
+        request_id = uuid.uuid4().hex
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        timings: dict[str, float] = {}
+        response = await self.generation.generate(body, request_id, seed,
+                                                  self._base_url(request), timings=timings)
+        return JSONResponse(response, headers={"Server-Timing": server_timing(timings)})
 
     @app.post("/api/jobs", status_code=202, openapi_extra=_JOB_BODY_SCHEMA,
               responses={200: {"description": "The job this Idempotency-Key already made."},
