@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, TypeVar, overload
 
 from pydantic import ValidationError
@@ -143,7 +143,7 @@ async def parse_form(body: bytes, content_type: str, file_field: str,
     model: numbers parsed from their text, the one file as base64 under `file_field`."""
     import base64
 
-    async def once() -> AsyncIterator[bytes]:
+    async def once() -> AsyncGenerator[bytes, None]:
         yield body
 
     parser = _InMemoryParser(Headers({"content-type": content_type}), once(), max_files=1,

@@ -22,9 +22,9 @@ from ray import serve
 from serve_app.batching.autoscaling import BACKLOG_METRIC
 from serve_app.batching.policy import plan_pipeline_calls, scatter
 from serve_app.config import AppConfig
+from serve_app.ingress.imaging import encode_png
 from serve_app.jobs.records import step_record_name
 from serve_app.metrics import ModelMetrics
-from serve_app.ingress.imaging import encode_png
 from serve_app.model.generator import ImageGenerator, PreviewCallback, load_factory
 from serve_app.model.input_image import InvalidInputImage, decode_input_image
 from serve_app.model.step_progress import LatestValueWriter
@@ -140,7 +140,6 @@ class Text2ImageModel:
         self._batch_sizes.append(len(items))
         self._prompts.extend(item.prompt for item in items)
         self._batch_shapes.append([item.shape_key for item in items])
-        loop = asyncio.get_running_loop()
         groups = plan_pipeline_calls(items, self.config.batching.max_images_per_call)
         results: list[list[ModelResult]] = []
         for group in groups:

@@ -13,7 +13,6 @@ import numpy as np
 
 from serve_app.protocol import GenerationItem
 
-
 # After denoising step n (1-based): one small HxWx3 uint8 preview per image of the call.
 PreviewCallback = Callable[[int, list[np.ndarray]], None]
 
