@@ -21,6 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from serve_app.config import AppConfig
 from serve_app.errors import (
     NotReady,
+    PayloadTooLarge,
     install_error_handlers,
     to_response,
 )
@@ -28,6 +29,7 @@ from serve_app.ingress.auth import ApiKeys
 from serve_app.ingress.generation import GenerationService
 from serve_app.ingress.head_requests import HeadAsGet
 from serve_app.ingress.parsing import (
+    MAX_BODY_BYTES,
     image_body_limit,
     is_multipart,
     load_json_object,
@@ -45,7 +47,7 @@ from serve_app.ingress.schemas import (
     Text2ImageResponse,
     error_responses,
 )
-from serve_app.jobs.records import JobRequest
+from serve_app.jobs.records import Image2ImageJobRequest, JobRequest
 from serve_app.jobs.service import JobService
 from serve_app.metrics import record_error
 from serve_app.store import ImageStore
@@ -90,7 +92,10 @@ def _image_body_schema(model: type[Text2ImageRequest]) -> dict[str, Any]:
 
 _REQUEST_BODY_SCHEMA = _body_schema(Text2ImageRequest)
 _IMAGE_BODY_SCHEMA = _image_body_schema(Image2ImageRequest)
-_JOB_BODY_SCHEMA = _body_schema(JobRequest)
+_JOB_BODY_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"anyOf": [
+        model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for model in (JobRequest, Image2ImageJobRequest)]}}}}}
 
 
 @serve.deployment(name="Ingress")
@@ -239,7 +244,13 @@ class Ingress:
     async def submit_job(self, request: Request) -> JSONResponse:
         """Queue a generation; poll the status URL, or get a POST at `callbackUrl`."""
         self._authorize(request)
-        body = parse_request(await self._read_body(request), self.config, JobRequest)
+        raw = await self._read_body(request, image_body_limit(self.config.limits))
+        data = load_json_object(raw)
+        # With an `image`, an image-to-image job; otherwise the 64 KiB limit holds.
+        model: type[JobRequest] = Image2ImageJobRequest if "image" in data else JobRequest
+        if model is JobRequest and len(raw) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
+        body = validate_request(data, self.config, model)
         record, created = await self.jobs.submit(
             body, request.headers.get("idempotency-key"), self._base_url(request))
         if not created:  # the same Idempotency-Key as an earlier submission

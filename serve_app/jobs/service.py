@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound, Overloaded, ServiceError, error_body
-from serve_app.ingress.schemas import Text2ImageRequest
+from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
 from serve_app.jobs.records import (
     JobRecord,
     JobRequest,
@@ -34,10 +34,19 @@ from serve_app.jobs.records import (
     lost_record,
     post_callback,
     record_name,
+    request_model,
     step_record_name,
 )
+from serve_app.protocol import denoising_steps
 
 logger = logging.getLogger("ray.serve")
+
+
+def steps_per_call(body: Text2ImageRequest) -> int:
+    """Denoising steps one call runs (image-to-image skips the first ones)."""
+    if isinstance(body, Image2ImageRequest):
+        return denoising_steps(body.step, body.strength)
+    return body.step
 
 
 class KeyedLocks:
@@ -110,10 +119,11 @@ class JobService:
         now = time.time()
         record = JobRecord(
             id=job_id, createdAt=now, updatedAt=now,
-            request=body.model_dump(exclude={"callbackUrl"}),
+            # JSON mode: an image-to-image input image is stored as base64.
+            request=body.model_dump(exclude={"callbackUrl"}, mode="json"),
             seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
             progress=Progress(total=body.number * body.batch,
-                              stepsTotal=body.number * body.step),
+                              stepsTotal=body.number * steps_per_call(body)),
             callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,
             statusUrl=f"{base}/api/jobs/{job_id}",
         )
@@ -185,7 +195,7 @@ class JobService:
 
     async def _run_job(self, record: JobRecord, base_url: str) -> None:
         cfg = self.config.jobs
-        body = Text2ImageRequest.model_validate(record.request)
+        body = request_model(record.request).model_validate(record.request)
 
         def progress(images: int) -> None:
             record.progress.done += images

@@ -111,3 +111,35 @@ def test_bad_images_get_4xx_and_the_service_keeps_serving(tiny_app):
     # Still serving, both kinds.
     assert edit(tiny_app, png(128, 128), step=2).status_code == 200
     assert post(tiny_app, {"prompt": "still here", "step": 1}).status_code == 200
+
+
+def wait_for_job(status_url: str, timeout_s: float = 120) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = httpx.get(status_url, timeout=30).json()
+        if record["status"] in ("succeeded", "failed"):
+            return record
+        time.sleep(0.2)
+    raise AssertionError(f"job did not finish: {record}")
+
+
+def test_an_image_to_image_job(tiny_app):
+    source = png(512, 512, seed=4)
+    body = {"prompt": "a job", "image": base64.b64encode(source).decode(), "strength": 0.5,
+            "step": 4, "seed": 9}
+    response = httpx.post(f"{tiny_app}/api/jobs", json=body, timeout=60)
+    assert response.status_code == 202, response.text
+    submitted = response.json()
+    assert submitted["progress"]["stepsTotal"] == 2  # 4 steps at strength 0.5
+    record = wait_for_job(submitted["statusUrl"])
+    assert record["status"] == "succeeded", record
+    assert record["progress"]["stepsDone"] == 2
+    assert record["result"]["meta"]["input"]["strength"] == 0.5
+    direct = edit(tiny_app, source, strength=0.5, step=4, seed=9, prompt="a job").json()
+    # the same seeded call through the job path and the direct path: the same bytes
+    assert fetch(record["result"]["output"][0]["url"]) == fetch(direct["output"][0]["url"])
+    bad = httpx.post(f"{tiny_app}/api/jobs", json={**body, "image": base64.b64encode(
+        png(1, 1)).decode()}, timeout=60)
+    assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid_image")
