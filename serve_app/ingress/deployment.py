@@ -6,6 +6,7 @@ so the model replica goes on to its next batch while the ingress writes PNGs.
 
 
 import asyncio
+import base64
 import logging
 import secrets
 import threading
@@ -20,6 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serve_app.config import AppConfig
 from serve_app.errors import (
+    InvalidRequest,
     NotReady,
     PayloadTooLarge,
     install_error_handlers,
@@ -28,6 +30,11 @@ from serve_app.errors import (
 from serve_app.ingress.auth import ApiKeys
 from serve_app.ingress.generation import GenerationService
 from serve_app.ingress.head_requests import HeadAsGet
+from serve_app.ingress.openai_api import (
+    OpenAIEditRequest,
+    OpenAIImageRequest,
+    OpenAIImagesService,
+)
 from serve_app.ingress.parsing import (
     MAX_BODY_BYTES,
     image_body_limit,
@@ -36,6 +43,7 @@ from serve_app.ingress.parsing import (
     parse_form,
     parse_request,
     read_body,
+    validate_fields,
     validate_request,
 )
 from serve_app.ingress.readiness import ReadinessProbe
@@ -90,6 +98,22 @@ def _image_body_schema(model: type[Text2ImageRequest]) -> dict[str, Any]:
         "multipart/form-data": {"schema": form}}}}
 
 
+def _openai_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
+    generation = OpenAIImageRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}")
+    edit = OpenAIEditRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    edit["properties"]["image"] = {"type": "string", "format": "binary"}
+    return ({"requestBody": {"required": True,
+                             "content": {"application/json": {"schema": generation}}}},
+            {"requestBody": {"required": True,
+                             "content": {"multipart/form-data": {"schema": edit}}}})
+
+
+_OPENAI_GENERATION_SCHEMA, _OPENAI_EDIT_SCHEMA = _openai_schemas()
+# What OpenAI's SDKs parse: ImagesResponse.
+_OPENAI_IMAGES_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "OpenAI's ImagesResponse: `created` and `data`, one `{url}` or "
+                   "`{b64_json}` per image."}}
 _REQUEST_BODY_SCHEMA = _body_schema(Text2ImageRequest)
 _IMAGE_BODY_SCHEMA = _image_body_schema(Image2ImageRequest)
 _JOB_BODY_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
@@ -123,6 +147,7 @@ class Ingress:
         self._cleaner.start()
         self.generation = GenerationService(batcher, self.store, self.config)
         self.jobs = JobService(self.store, self.config, self.generation.generate)
+        self.openai = OpenAIImagesService(self.generation, self.store, self.config)
         self._job_scanner = self.jobs.start_scanner()
 
     async def _model_info(self) -> dict[str, Any]:
@@ -269,3 +294,53 @@ class Ingress:
         data = await asyncio.to_thread(self.store.get, image_id, name)
         return Response(data, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
+
+    # OpenAI-compatible Images API (openai_api.py). Errors here take OpenAI's shape
+    # (serve_app/errors.py).
+
+    @app.get("/v1/models", responses=error_responses(401))
+    async def openai_models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(self.openai.models())
+
+    @app.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
+    async def openai_model(self, model_id: str, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(self.openai.model(model_id))
+
+    @app.post("/v1/images/generations", openapi_extra=_OPENAI_GENERATION_SCHEMA,
+              responses={**_OPENAI_IMAGES_RESPONSE,
+                         **error_responses(401, 413, 422, 500, 503, 504)})
+    async def openai_generations(self, request: Request) -> JSONResponse:
+        """OpenAI's images.generate: text-to-image."""
+        self._authorize(request)
+        body = validate_fields(load_json_object(await self._read_body(request)),
+                               OpenAIImageRequest)
+        return JSONResponse(await self._openai_images(body, request))
+
+    @app.post("/v1/images/edits", openapi_extra=_OPENAI_EDIT_SCHEMA,
+              responses={**_OPENAI_IMAGES_RESPONSE,
+                         **error_responses(401, 413, 422, 500, 501, 503, 504)})
+    async def openai_edits(self, request: Request) -> JSONResponse:
+        """OpenAI's images.edit (multipart, as the SDKs send it): image-to-image."""
+        self._authorize(request)
+        limits = self.config.limits
+        raw = await self._read_body(request, image_body_limit(limits))
+        content_type = request.headers.get("content-type")
+        if not is_multipart(content_type):
+            raise InvalidRequest("send multipart/form-data with the image as a file part",
+                                 field="body")
+        data = await parse_form(raw, content_type or "", "image", limits)
+        if "image" in data:
+            data["image"] = base64.b64decode(data["image"])
+        body = validate_fields(data, OpenAIEditRequest)
+        return JSONResponse(await self._openai_images(body, request))
+
+    async def _openai_images(self, body: OpenAIImageRequest,
+                             request: Request) -> dict[str, Any]:
+        native = self.openai.to_request(body)
+        request_id = uuid.uuid4().hex
+        seed = native.seed if native.seed is not None else secrets.randbelow(2**31)
+        generated = await self.generation.generate(native, request_id, seed,
+                                                   self._base_url(request))
+        return await self.openai.respond(body, generated)

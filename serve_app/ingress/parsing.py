@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, TypeVar, overload
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -19,7 +19,8 @@ from serve_app.protocol import GenerationItem, Priority
 
 MAX_BODY_BYTES = 64 * 1024
 # Multipart text fields that are numbers on the JSON side (a form sends only strings).
-INT_FORM_FIELDS = frozenset({"number", "step", "batch", "seed", "n"})
+INT_FORM_FIELDS = frozenset({"number", "step", "batch", "seed", "n", "output_compression",
+                             "partial_images"})
 FLOAT_FORM_FIELDS = frozenset({"strength"})
 
 RequestT = TypeVar("RequestT", bound=Text2ImageRequest)
@@ -83,17 +84,25 @@ def validate_request(data: Mapping[str, Any], config: AppConfig,
                      model: type[RequestT]) -> RequestT:
     """A decoded body -> the validated request, with the configured limits applied; an
     image-to-image request's image is checked too (bytes, format, sides: no decoding)."""
+    request = validate_fields(data, model)
+    check_limits(request, config)
+    if isinstance(request, Image2ImageRequest):
+        check_image_request(request, config.limits)
+    return request
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_fields(data: Mapping[str, Any], model: type[ModelT]) -> ModelT:
+    """Pydantic validation with its first error as a typed 422 naming the field."""
     try:
-        request = model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = field_of(tuple(first["loc"]))
         error = InvalidImage if field == "image" else InvalidRequest
         raise error(first["msg"], field=field) from None
-    check_limits(request, config)
-    if isinstance(request, Image2ImageRequest):
-        check_image_request(request, config.limits)
-    return request
 
 
 def check_image_request(request: Image2ImageRequest, limits: LimitsConfig) -> None:
@@ -146,7 +155,8 @@ async def parse_form(body: bytes, content_type: str, file_field: str,
     async def once() -> AsyncGenerator[bytes, None]:
         yield body
 
-    parser = _InMemoryParser(Headers({"content-type": content_type}), once(), max_files=1,
+    # Two files: a second one (a mask) is then refused by name, not as "too many files".
+    parser = _InMemoryParser(Headers({"content-type": content_type}), once(), max_files=2,
                              max_fields=32, max_part_size=MAX_BODY_BYTES)
     try:
         form = await parser.parse()
@@ -156,8 +166,12 @@ async def parse_form(body: bytes, content_type: str, file_field: str,
     try:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if name != file_field:
-                    raise InvalidRequest(f"unexpected file field {name!r}", field=name)
+                # OpenAI's SDKs name a list of images `image[]`: one is taken.
+                if name not in (file_field, file_field + "[]"):
+                    raise InvalidRequest(f"file field {name!r} is not supported", field=name)
+                name = file_field
+                if name in data:
+                    raise InvalidRequest(f"one {file_field} only", field=file_field)
                 raw = await value.read()
                 if len(raw) > limits.max_input_image_bytes:
                     raise PayloadTooLarge(
