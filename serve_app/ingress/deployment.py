@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.exceptions import BackPressureError
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from serve_app.config import AppConfig
 from serve_app.errors import (
@@ -43,6 +43,7 @@ from serve_app.ingress.parsing import (
     parse_form,
     parse_request,
     read_body,
+    steps_per_call,
     validate_fields,
     validate_request,
 )
@@ -55,6 +56,7 @@ from serve_app.ingress.schemas import (
     Text2ImageResponse,
     error_responses,
 )
+from serve_app.ingress.streaming import StepRecords, generation_events, job_events
 from serve_app.jobs.records import Image2ImageJobRequest, JobRequest
 from serve_app.jobs.service import JobService
 from serve_app.metrics import record_error
@@ -114,6 +116,12 @@ _OPENAI_GENERATION_SCHEMA, _OPENAI_EDIT_SCHEMA = _openai_schemas()
 _OPENAI_IMAGES_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "OpenAI's ImagesResponse: `created` and `data`, one `{url}` or "
                    "`{b64_json}` per image."}}
+_EVENT_STREAM: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Server-Sent Events: `progress` per denoising step (`step`, `steps`, "
+                   "`elapsedSeconds`, `preview` when asked for), then `result` (the JSON "
+                   "body the plain endpoint returns) or `error`.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _REQUEST_BODY_SCHEMA = _body_schema(Text2ImageRequest)
 _IMAGE_BODY_SCHEMA = _image_body_schema(Image2ImageRequest)
 _JOB_BODY_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
@@ -262,6 +270,53 @@ class Ingress:
         response = await self.generation.generate(body, request_id, seed,
                                                   self._base_url(request), timings=timings)
         return JSONResponse(response, headers={"Server-Timing": server_timing(timings)})
+
+    @app.post("/api/text2image/stream", response_class=StreamingResponse,
+              openapi_extra=_REQUEST_BODY_SCHEMA,
+              responses={**_EVENT_STREAM, **error_responses(401, 413, 422)})
+    async def text2image_stream(self, request: Request,
+                                preview: bool = False) -> StreamingResponse:
+        """/api/text2image as Server-Sent Events; `?preview=true` adds a small preview
+        image to the step events (computed only then)."""
+        self._authorize(request)
+        body = parse_request(await self._read_body(request), self.config)
+        return self._stream(body, request, preview)
+
+    @app.post("/api/image2image/stream", response_class=StreamingResponse,
+              openapi_extra=_IMAGE_BODY_SCHEMA,
+              responses={**_EVENT_STREAM, **error_responses(401, 413, 422)})
+    async def image2image_stream(self, request: Request,
+                                 preview: bool = False) -> StreamingResponse:
+        """/api/image2image as Server-Sent Events (see /api/text2image/stream)."""
+        self._authorize(request)
+        body = await self._image_request(request)
+        return self._stream(body, request, preview)
+
+    def _stream(self, body: Text2ImageRequest, request: Request,
+                preview: bool) -> StreamingResponse:
+        """Validation errors were raised before this (plain JSON 4xx); from here on,
+        errors are `error` events of a 200 stream."""
+        request_id = uuid.uuid4().hex
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        base_url = self._base_url(request)
+
+        def run() -> Any:
+            return self.generation.generate(body, request_id, seed, base_url,
+                                            progress_key=request_id, preview=preview)
+        events = generation_events(run, StepRecords(self.store, request_id, body.number),
+                                   steps_per_call(body), preview)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.get("/api/jobs/{job_id}/events", response_class=StreamingResponse,
+             responses={**_EVENT_STREAM, **error_responses(401, 404)})
+    async def job_event_stream(self, job_id: str, request: Request) -> StreamingResponse:
+        """A job's progress as Server-Sent Events, from its status: `progress` when it
+        changes (with `status`, `done`, `total`), then `result` (the job record) or
+        `error`. No previews."""
+        self._authorize(request)
+        first = await self.jobs.status(job_id)  # 404 before any event
+        return StreamingResponse(job_events(lambda: self.jobs.status(job_id), first),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/api/jobs", status_code=202, openapi_extra=_JOB_BODY_SCHEMA,
               responses={200: {"description": "The job this Idempotency-Key already made."},

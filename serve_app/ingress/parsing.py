@@ -15,7 +15,7 @@ from serve_app.config import AppConfig, LimitsConfig, parse_size
 from serve_app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, field_of
 from serve_app.ingress.image_input import check_input_image
 from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
-from serve_app.protocol import GenerationItem, Priority
+from serve_app.protocol import GenerationItem, Priority, denoising_steps
 
 MAX_BODY_BYTES = 64 * 1024
 # Multipart text fields that are numbers on the JSON side (a form sends only strings).
@@ -129,6 +129,13 @@ def check_limits(request: Text2ImageRequest, config: AppConfig) -> None:
     if request.number * request.batch > limits.max_images_per_request:
         raise InvalidRequest(
             f"number x batch must be <= {limits.max_images_per_request}", field="number")
+
+
+def steps_per_call(body: Text2ImageRequest) -> int:
+    """Denoising steps one call runs (image-to-image skips the first ones)."""
+    if isinstance(body, Image2ImageRequest):
+        return denoising_steps(body.step, body.strength)
+    return body.step
 
 
 def image_body_limit(limits: LimitsConfig) -> int:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound, Overloaded, ServiceError, error_body
-from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
+from serve_app.ingress.parsing import steps_per_call
 from serve_app.jobs.records import (
     JobRecord,
     JobRequest,
@@ -37,16 +37,8 @@ from serve_app.jobs.records import (
     request_model,
     step_record_name,
 )
-from serve_app.protocol import denoising_steps
 
 logger = logging.getLogger("ray.serve")
-
-
-def steps_per_call(body: Text2ImageRequest) -> int:
-    """Denoising steps one call runs (image-to-image skips the first ones)."""
-    if isinstance(body, Image2ImageRequest):
-        return denoising_steps(body.step, body.strength)
-    return body.step
 
 
 class KeyedLocks:
