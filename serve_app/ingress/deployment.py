@@ -34,6 +34,7 @@ from serve_app.ingress.openai_api import (
     OpenAIEditRequest,
     OpenAIImageRequest,
     OpenAIImagesService,
+    openai_error_responses,
 )
 from serve_app.ingress.parsing import (
     MAX_BODY_BYTES,
@@ -353,19 +354,19 @@ class Ingress:
     # OpenAI-compatible Images API (openai_api.py). Errors here take OpenAI's shape
     # (serve_app/errors.py).
 
-    @app.get("/v1/models", responses=error_responses(401))
+    @app.get("/v1/models", responses=openai_error_responses(401))
     async def openai_models(self, request: Request) -> JSONResponse:
         self._authorize(request)
         return JSONResponse(self.openai.models())
 
-    @app.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
+    @app.get("/v1/models/{model_id:path}", responses=openai_error_responses(401, 404))
     async def openai_model(self, model_id: str, request: Request) -> JSONResponse:
         self._authorize(request)
         return JSONResponse(self.openai.model(model_id))
 
     @app.post("/v1/images/generations", openapi_extra=_OPENAI_GENERATION_SCHEMA,
               responses={**_OPENAI_IMAGES_RESPONSE,
-                         **error_responses(401, 413, 422, 500, 503, 504)})
+                         **openai_error_responses(400, 401, 413, 500, 503, 504)})
     async def openai_generations(self, request: Request) -> JSONResponse:
         """OpenAI's images.generate: text-to-image."""
         self._authorize(request)
@@ -375,7 +376,7 @@ class Ingress:
 
     @app.post("/v1/images/edits", openapi_extra=_OPENAI_EDIT_SCHEMA,
               responses={**_OPENAI_IMAGES_RESPONSE,
-                         **error_responses(401, 413, 422, 500, 501, 503, 504)})
+                         **openai_error_responses(400, 401, 413, 500, 501, 503, 504)})
     async def openai_edits(self, request: Request) -> JSONResponse:
         """OpenAI's images.edit (multipart, as the SDKs send it): image-to-image."""
         self._authorize(request)

@@ -32,6 +32,37 @@ OWNER = "sdxl-turbo-serve"
 MODEL_ALIASES = ("sdxl-turbo",)
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="`invalid_request_error` (4xx) or `server_error` (5xx).")
+    param: str | None = Field(default=None, description="The parameter at fault.")
+    code: str = Field(description="This service's error code (`invalid_request`, "
+                                  "`invalid_image`, `unauthorized`, `overloaded`, ...).")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Errors under /v1/, in OpenAI's shape (serve_app/errors.py)."""
+
+    error: OpenAIErrorDetail
+
+
+OPENAI_ERROR_DESCRIPTIONS = {
+    400: "Invalid parameters or input image (this API's 422).",
+    401: "API keys are on and the bearer token is missing or wrong.",
+    404: "Unknown model.",
+    413: "The body or the image is too large.",
+    500: "The pipeline failed.",
+    501: "The backend cannot do image-to-image (openvino).",
+    503: "The batching queue is full (`Retry-After`).",
+    504: "Generation took longer than `ingress.request_timeout_s`.",
+}
+
+
+def openai_error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": OpenAIErrorResponse,
+                   "description": OPENAI_ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
 class OpenAIImageRequest(BaseModel):
     """The parameters both OpenAI image endpoints share."""
 
