@@ -159,3 +159,45 @@ async def multipart_fields_become_the_json_request():
         validate_request(await parse_form(raw, content_type, "image", LIMITS), AppConfig(),
                          Image2ImageRequest)
     assert caught.value.field == "image"
+
+
+class ErrorBatcher:
+    """A batcher handle whose calls all come back with one error from the replica."""
+
+    def __init__(self, error: str, message: str) -> None:
+        from serve_app.protocol import ModelResult
+
+        self.result = ModelResult(error=error, message=message)
+        self.generate = self
+        self.calls: list = []
+
+    def remote(self, call):
+        self.calls.append(call)
+
+        async def answer():
+            return self.result
+        return answer()
+
+
+@pytest.mark.parametrize("error, status, code", [
+    ("invalid_image", 422, "invalid_image"),
+    ("not_supported", 501, "not_supported"),
+])
+def test_replica_errors_that_are_the_clients_become_typed_4xx_or_501(error, status, code):
+    import uuid
+
+    from serve_app.errors import ServiceError
+    from serve_app.ingress.generation import GenerationService
+    from serve_app.store import ImageStore
+
+    batcher = ErrorBatcher(error, "the replica's message")
+    generation = GenerationService(batcher, ImageStore(f"memory://{uuid.uuid4().hex}/s"),
+                                   AppConfig())
+    request = Image2ImageRequest.model_validate(
+        {"prompt": "p", "image": base64.b64encode(png(64, 64)), "strength": 0.5})
+    with pytest.raises(ServiceError) as caught:
+        asyncio.run(generation.generate(request, "f" * 32, 1, "http://h"))
+    assert (caught.value.status_code, caught.value.code, caught.value.message) == (
+        status, code, "the replica's message")
+    [call] = batcher.calls
+    assert (call.kind, call.init_image, call.strength) == ("img2img", png(64, 64), 0.5)
