@@ -203,6 +203,11 @@ class LimitsConfig(StrictModel):
     max_steps: int = Field(default=50, ge=1)
     # number x batch
     max_images_per_request: int = Field(default=16, ge=1)
+    # Image-to-image input images (untrusted): encoded size, and each side in pixels. An
+    # image within these is resized to the requested size; one outside is refused (4xx).
+    max_input_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_input_image_side_px: int = Field(default=4096, ge=64, le=16384)
+    min_input_image_side_px: int = Field(default=64, ge=1)
 
     @field_validator("allowed_sizes")
     @classmethod

@@ -1,7 +1,10 @@
 """Typed service errors and their one mapping to HTTP responses.
 
 Clients get a JSON body with a code, a message and, where it applies, the field or the
-request id. Never a stack trace: unexpected exceptions become `internal_error`.
+request id. Never a stack trace: unexpected exceptions become `internal_error`. Under /v1/
+(the OpenAI-compatible API) the same errors take OpenAI's shape, `{"error": {"message",
+"type", "param", "code"}}`, and 422 becomes 400, so the OpenAI SDKs raise their usual
+exceptions (BadRequestError, AuthenticationError, ...).
 """
 
 from __future__ import annotations
@@ -38,6 +41,20 @@ class ServiceError(Exception):
 class InvalidRequest(ServiceError):
     status_code = 422
     code = "invalid_request"
+
+
+class InvalidImage(InvalidRequest):
+    """An image-to-image input that is not a PNG or JPEG within the limits, or does not
+    decode (truncated, corrupt)."""
+
+    code = "invalid_image"
+
+
+class NotSupported(ServiceError):
+    """A feature the serving backend lacks (image-to-image on OpenVINO)."""
+
+    status_code = 501
+    code = "not_supported"
 
 
 class PayloadTooLarge(ServiceError):
@@ -116,7 +133,33 @@ def error_body(err: ServiceError) -> dict[str, Any]:
     return {"status": "error", "error": detail}
 
 
-def to_response(err: ServiceError) -> JSONResponse:
+# OpenAI answers invalid parameters with 400 where this API says 422.
+OPENAI_STATUS = {422: 400}
+OPENAI_PREFIX = "/v1/"
+
+
+def openai_error_body(err: ServiceError) -> dict[str, Any]:
+    kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+    return {"error": {"message": err.message, "type": kind, "param": err.field,
+                      "code": err.code}}
+
+
+def is_openai_path(request: Request | None) -> bool:
+    """Under /v1/ of this application, wherever Serve mounted it (its route prefix is the
+    ASGI root_path)."""
+    if request is None:
+        return False
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.startswith(OPENAI_PREFIX)
+
+
+def to_response(err: ServiceError, request: Request | None = None) -> JSONResponse:
+    if is_openai_path(request):
+        return JSONResponse(openai_error_body(err),
+                            status_code=OPENAI_STATUS.get(err.status_code, err.status_code),
+                            headers=err.headers())
     return JSONResponse(error_body(err), status_code=err.status_code, headers=err.headers())
 
 
@@ -133,9 +176,9 @@ def install_error_handlers(app: FastAPI) -> None:
     shown)."""
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         record_error(exc.code)
-        return to_response(exc)
+        return to_response(exc, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -150,20 +193,20 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             err = HTTPStatusError(str(exc.detail), status_code=exc.status_code)
         record_error(err.code)
-        return to_response(err)
+        return to_response(err, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         if errors := exc.errors():
             message, loc = str(errors[0]["msg"]), tuple(errors[0]["loc"])
         else:
             message, loc = "invalid request", ()
         record_error(InvalidRequest.code)
-        return to_response(InvalidRequest(message, field=field_of(loc)))
+        return to_response(InvalidRequest(message, field=field_of(loc)), request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = uuid.uuid4().hex
         logger.exception("unhandled error, request %s", request_id)
         record_error(ServiceError.code)
-        return to_response(ServiceError("internal error", request_id=request_id))
+        return to_response(ServiceError("internal error", request_id=request_id), request)

@@ -13,6 +13,10 @@ import numpy as np
 T = TypeVar("T")
 # Interactive calls (/api/text2image) go before async-job calls in the batching deployment.
 Priority = Literal["interactive", "job"]
+# Text-to-image, or image-to-image from an input image: separate pipelines, never one batch.
+Kind = Literal["txt2img", "img2img"]
+# (kind, width, height, steps, strength): calls that may share one pipeline call.
+BatchKey = tuple[str, int, int, int, float]
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,37 @@ class GenerationItem:
     # Set for async jobs: the replica records denoising steps done under this key.
     progress_key: str | None = None
     priority: Priority = "interactive"
+    # Image-to-image: the encoded input image (PNG or JPEG as uploaded; its header was
+    # checked by the ingress, the model replica decodes it under the same limits).
+    init_image: bytes | None = None
+    # Image-to-image: how far the input is noised (1.0: nothing of it is kept). Runs about
+    # steps x strength denoising steps (denoising_steps), at least 1 (the ingress checks it).
+    strength: float = 1.0
+    # Write a small preview image per denoising step beside the step count (only when a
+    # client watches: it costs the replica a projection and a tiny PNG per step).
+    preview: bool = False
+
+    @property
+    def kind(self) -> Kind:
+        return "txt2img" if self.init_image is None else "img2img"
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
         return (self.width, self.height, self.steps)
+
+    @property
+    def batch_key(self) -> BatchKey:
+        """Calls with equal keys can run in one pipeline call: same pipeline, same shape,
+        and (image-to-image) the same strength, which diffusers takes per call."""
+        strength = self.strength if self.init_image is not None else 1.0
+        return (self.kind, self.width, self.height, self.steps, strength)
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the pipeline actually runs (image-to-image skips the first ones)."""
+        if self.init_image is None:
+            return self.steps
+        return denoising_steps(self.steps, self.strength)
 
     def image_seeds(self) -> list[int]:
         return [image_seed(self.seed, self.call_index, j) for j in range(self.count)]
@@ -61,6 +92,22 @@ class ModelResult:
     # Calls in the batch this call ran in.
     batch_size: int = 0
     error: str | None = None
+    # A message safe to show the client, for errors that are the client's (invalid_image,
+    # not_supported); never a trace.
+    message: str | None = None
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """The steps diffusers' image-to-image runs for `steps` at `strength`: it skips the
+    first int(steps - steps x strength) of the schedule (StableDiffusionXLImg2ImgPipeline
+    .get_timesteps)."""
+    return steps - int(max(steps - steps * strength, 0.0))
+
+
+def preview_record_name(key: str, call_index: int) -> str:
+    """Where a model replica writes the latest preview PNG of one call (beside its step
+    count, serve_app.jobs.records.step_record_name), for clients that asked for previews."""
+    return f"preview-{key}-{call_index}"
 
 
 def image_seed(seed: int, call_index: int, image_index: int) -> int:

@@ -27,7 +27,8 @@ IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_NAME = re.compile(r"^(?:\d{1,3}_\d{1,3}|image_grid)\.png$")
 GRID_NAME = "image_grid.png"
 RECORDS_DIR = "jobs"
-RECORD_NAME = re.compile(r"^(?:job-[0-9a-f]{32}|key-[0-9a-f]{64}|step-[0-9a-f]{32}-\d{1,3})$")
+RECORD_NAME = re.compile(
+    r"^(?:job-[0-9a-f]{32}|key-[0-9a-f]{64}|(?:step|preview)-[0-9a-f]{32}-\d{1,3})$")
 
 
 def image_name(call_index: int, image_index: int) -> str:

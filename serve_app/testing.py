@@ -30,23 +30,37 @@ class FakeGenerator:
         }
 
     def generate(self, items: Sequence[GenerationItem],
-                 on_step: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
+                 on_step: Callable[[int], None] | None = None,
+                 on_preview: Callable[[int, list[np.ndarray]], None] | None = None,
+                 init_images: Sequence[np.ndarray] | None = None) -> list[list[np.ndarray]]:
         if any(item.prompt == FAIL_PROMPT for item in items):
             raise RuntimeError("fake generator failure (internal detail that must not leak)")
         if any(item.prompt == SLOW_PROMPT for item in items):
             time.sleep(SLOW_PROMPT_S)
-        steps = items[0].steps
+        steps = items[0].denoising_steps
+        images_in_call = sum(item.count for item in items)
         for step in range(1, steps + 1):
             if self.delay_s:
                 time.sleep(self.delay_s / steps)
+            if on_preview is not None:
+                # A flat grey that brightens with each step: tests can tell previews apart.
+                level = min(255, 32 * step)
+                on_preview(step, [np.full((item.height // 8, item.width // 8, 3), level,
+                                          np.uint8) for item in items
+                                  for _ in range(item.count)][:images_in_call])
             if on_step is not None:
                 on_step(step)
         out = []
-        for item in items:
+        for index, item in enumerate(items):
             images = []
             for seed in item.image_seeds():
                 rng = np.random.default_rng(seed)
-                images.append(rng.integers(0, 256, (item.height, item.width, 3), dtype=np.uint8))
+                noise = rng.integers(0, 256, (item.height, item.width, 3), dtype=np.uint8)
+                if init_images is not None:
+                    # Image-to-image: the input shows through where strength leaves it.
+                    keep = 1.0 - item.strength
+                    noise = (init_images[index] * keep + noise * item.strength).astype(np.uint8)
+                images.append(noise)
             out.append(images)
         return out
 

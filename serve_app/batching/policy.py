@@ -1,7 +1,8 @@
 """Batching policy as plain functions: group calls by shape, scatter results back.
 
-A diffusers pipeline call runs one (width, height, steps) shape, so a batch holding mixed
-shapes becomes one pipeline call per shape. Nothing here imports Ray or torch.
+A diffusers pipeline call runs one kind (text- or image-to-image) and one (width, height,
+steps) shape (and one strength), so a batch holding mixed keys becomes one pipeline call per
+key. Nothing here imports Ray or torch.
 """
 
 from __future__ import annotations
@@ -10,22 +11,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from serve_app.protocol import GenerationItem
+from serve_app.protocol import BatchKey, GenerationItem
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ShapeGroup:
-    key: tuple[int, int, int]
+    key: BatchKey
     indices: tuple[int, ...]
 
 
 def group_by_shape(items: Sequence[GenerationItem]) -> list[ShapeGroup]:
     """Groups in order of first arrival, so the oldest request's shape runs first."""
-    order: dict[tuple[int, int, int], list[int]] = {}
+    order: dict[BatchKey, list[int]] = {}
     for index, item in enumerate(items):
-        order.setdefault(item.shape_key, []).append(index)
+        order.setdefault(item.batch_key, []).append(index)
     return [ShapeGroup(key, tuple(indices)) for key, indices in order.items()]
 
 

@@ -2,7 +2,9 @@
 
 Plain Python (no Ray, no asyncio beyond futures), so the order rules are tested directly:
 
-* A batch holds calls of one shape (width, height, steps) and one priority class, at most
+* A batch holds calls of one kind (text-to-image or image-to-image, which run different
+  pipelines; image-to-image also of one strength), one shape (width, height, steps) and
+  one priority class, at most
   `max_batch_size` calls, `max_images_per_call` images and `max_batch_image_steps` of work
   (a single call over a cap runs alone: requests are validated against the image cap).
 * Interactive calls go before async-job calls. A job call that has waited
@@ -46,9 +48,11 @@ class Pending:
 
     @property
     def work(self) -> float:
-        """512x512 image-steps: what the call costs a CPU replica."""
+        """512x512 image-steps: what the call costs a CPU replica (image-to-image runs
+        only its denoising steps; its VAE encode costs about one step more)."""
         call = self.call
-        return call.count * call.steps * call.width * call.height / (512 * 512)
+        steps = call.denoising_steps + (1 if call.kind == "img2img" else 0)
+        return call.count * steps * call.width * call.height / (512 * 512)
 
 
 @dataclass
@@ -108,7 +112,7 @@ class BatchQueue:
         for pending in self._waiting:
             if len(batch) >= self.config.max_batch_size:
                 break
-            if (pending is lead or pending.call.shape_key != lead.call.shape_key
+            if (pending is lead or pending.call.batch_key != lead.call.batch_key
                     or self._effective_class(pending, now) != lead_class):
                 continue
             if (images + pending.images > self.config.max_images_per_call
@@ -123,10 +127,12 @@ class BatchQueue:
         return batch
 
     def depth(self) -> dict[tuple[str, str], int]:
-        """Waiting calls by (class, "WxH/steps"), for the queue-depth gauge."""
+        """Waiting calls by (class, "WxH/steps"), for the queue-depth gauge; image-to-image
+        shapes end in "/img2img"."""
         counts: dict[tuple[str, str], int] = {}
         for pending in self._waiting:
             call = pending.call
-            key = (call.priority, f"{call.width}x{call.height}/{call.steps}")
+            suffix = "/img2img" if call.kind == "img2img" else ""
+            key = (call.priority, f"{call.width}x{call.height}/{call.steps}{suffix}")
             counts[key] = counts.get(key, 0) + 1
         return counts

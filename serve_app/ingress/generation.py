@@ -17,10 +17,21 @@ from typing import Any
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serve_app.config import AppConfig
-from serve_app.errors import GenerationFailed, GenerationTimeout, Overloaded
+from serve_app.errors import (
+    GenerationFailed,
+    GenerationTimeout,
+    InvalidImage,
+    NotSupported,
+    Overloaded,
+)
 from serve_app.ingress.imaging import encode_png, make_grid
 from serve_app.ingress.parsing import plan_calls
-from serve_app.ingress.schemas import Text2ImageRequest, Text2ImageResponse
+from serve_app.ingress.schemas import (
+    Image2ImageRequest,
+    Image2ImageResponse,
+    Text2ImageRequest,
+    Text2ImageResponse,
+)
 from serve_app.metrics import record_encode
 from serve_app.protocol import GenerationItem, ModelResult, Priority
 from serve_app.store import GRID_NAME, ImageStore, image_name
@@ -43,11 +54,13 @@ class GenerationService:
                         on_call_done: Callable[[int], None] | None = None,
                         progress_key: str | None = None,
                         timings: dict[str, float] | None = None,
-                        priority: Priority = "interactive") -> dict[str, Any]:
+                        priority: Priority = "interactive",
+                        preview: bool = False) -> dict[str, Any]:
         """timings, when given, receives where the time went (seconds): `pipeline` (the
         longest pipeline call inside a model replica), `model` (model calls as the ingress
-        saw them: queue, hops, pipeline), `store` (PNG encoding and storage)."""
-        items = plan_calls(body, seed, progress_key, priority)
+        saw them: queue, hops, pipeline), `store` (PNG encoding and storage). `preview`
+        (with a progress_key) has the model replicas write a preview per step."""
+        items = plan_calls(body, seed, progress_key, priority, preview)
         started = time.perf_counter()
         results = await self._run_calls(items, request_id, on_call_done)
         generation_s = time.perf_counter() - started
@@ -68,14 +81,18 @@ class GenerationService:
         total = len(output)
         logger.info("request %s: %d images %s %d steps in %.3fs", request_id, total, body.size,
                     body.step, generation_s)
-        return Text2ImageResponse.model_validate({
+        meta: dict[str, Any] = {
+            "batch": body.batch, "model": self.config.model.source, "number": body.number,
+            "prompt": body.prompt, "size": body.size, "step": body.step, "seed": seed,
+        }
+        response: type[Text2ImageResponse] = Text2ImageResponse
+        if isinstance(body, Image2ImageRequest):
+            meta["strength"], response = body.strength, Image2ImageResponse
+        return response.model_validate({
             "id": request_id,
             "averageImageGenerationTimeSeconds": round(generation_s / total, 4),
             "generationTimeSeconds": round(generation_s, 4),
-            "meta": {"input": {
-                "batch": body.batch, "model": self.config.model.source, "number": body.number,
-                "prompt": body.prompt, "size": body.size, "step": body.step, "seed": seed,
-            }},
+            "meta": {"input": meta},
             "output": output,
             "gridUrl": f"{base}/{GRID_NAME}" if body.number > 1 else None,
             "status": "success",
@@ -123,6 +140,14 @@ class GenerationService:
                 task.cancel()
             logger.error("request %s: model call failed: %s", request_id, type(exc).__name__)
             raise GenerationFailed("image generation failed", request_id=request_id) from None
+        for result, _ in results:
+            # The client's own errors first: they are 4xx, whatever else failed.
+            if result.error == "invalid_image":
+                raise InvalidImage(result.message or "image does not decode", field="image",
+                                   request_id=request_id)
+            if result.error == "not_supported":
+                raise NotSupported(result.message or "not supported by this backend",
+                                   request_id=request_id)
         for result, _ in results:
             if result.error is not None:
                 logger.error("request %s: pipeline error %s", request_id, result.error)

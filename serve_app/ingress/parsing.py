@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import TypeVar, overload
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any, TypeVar, overload
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from serve_app.config import AppConfig, parse_size
-from serve_app.errors import InvalidRequest, PayloadTooLarge, field_of
-from serve_app.ingress.schemas import Text2ImageRequest
-from serve_app.protocol import GenerationItem, Priority
+from serve_app.config import AppConfig, LimitsConfig, parse_size
+from serve_app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, field_of
+from serve_app.ingress.image_input import check_input_image
+from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
+from serve_app.protocol import GenerationItem, Priority, denoising_steps
 
 MAX_BODY_BYTES = 64 * 1024
+# Multipart text fields that are numbers on the JSON side (a form sends only strings).
+INT_FORM_FIELDS = frozenset({"number", "step", "batch", "seed", "n", "output_compression",
+                             "partial_images"})
+FLOAT_FORM_FIELDS = frozenset({"strength"})
 
 RequestT = TypeVar("RequestT", bound=Text2ImageRequest)
 
@@ -38,16 +46,22 @@ def parse_request(body: bytes, config: AppConfig) -> Text2ImageRequest: ...
 
 
 @overload
-def parse_request(body: bytes, config: AppConfig, model: type[RequestT]) -> RequestT: ...
+def parse_request(body: bytes, config: AppConfig, model: type[RequestT],
+                  limit: int = ...) -> RequestT: ...
 
 
 def parse_request(body: bytes, config: AppConfig,
-                  model: type[Text2ImageRequest] = Text2ImageRequest) -> Text2ImageRequest:
+                  model: type[Text2ImageRequest] = Text2ImageRequest,
+                  limit: int = MAX_BODY_BYTES) -> Text2ImageRequest:
     """Raw body -> validated request (of `model`, Text2ImageRequest or a subclass such as
     JobRequest). The Content-Type is ignored on purpose: `curl -d` sends
     application/x-www-form-urlencoded and the reference docs use exactly that."""
-    if len(body) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes", field="body")
+    return validate_request(load_json_object(body), config, model)
+
+
+def load_json_object(body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -63,11 +77,43 @@ def parse_request(body: bytes, config: AppConfig,
         raise InvalidRequest(f"body has a number out of range: {exc}", field="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object", field="body")
+    return data
+
+
+def validate_request(data: Mapping[str, Any], config: AppConfig,
+                     model: type[RequestT]) -> RequestT:
+    """A decoded body -> the validated request, with the configured limits applied; an
+    image-to-image request's image is checked too (bytes, format, sides: no decoding)."""
+    request = validate_fields(data, model)
+    check_limits(request, config)
+    if isinstance(request, Image2ImageRequest):
+        check_image_request(request, config.limits)
+    return request
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_fields(data: Mapping[str, Any], model: type[ModelT]) -> ModelT:
+    """Pydantic validation with its first error as a typed 422 naming the field."""
     try:
-        request = model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise InvalidRequest(first["msg"], field=field_of(tuple(first["loc"]))) from None
+        field = field_of(tuple(first["loc"]))
+        error = InvalidImage if field == "image" else InvalidRequest
+        raise error(first["msg"], field=field) from None
+
+
+def check_image_request(request: Image2ImageRequest, limits: LimitsConfig) -> None:
+    # SDXL-Turbo's rule: below 1 diffusers still runs one step, from a later point of
+    # the schedule than the strength asks for, so the request would not mean what it says.
+    if request.step * request.strength < 1:
+        raise InvalidRequest("step x strength must be at least 1", field="strength")
+    check_input_image(request.image, limits)
+
+
+def check_limits(request: Text2ImageRequest, config: AppConfig) -> None:
     limits = config.limits
     if request.size not in limits.allowed_sizes:
         raise InvalidRequest(f"size must be one of {limits.allowed_sizes}", field="size")
@@ -83,17 +129,94 @@ def parse_request(body: bytes, config: AppConfig,
     if request.number * request.batch > limits.max_images_per_request:
         raise InvalidRequest(
             f"number x batch must be <= {limits.max_images_per_request}", field="number")
-    return request
+
+
+def steps_per_call(body: Text2ImageRequest) -> int:
+    """Denoising steps one call runs (image-to-image skips the first ones)."""
+    if isinstance(body, Image2ImageRequest):
+        return denoising_steps(body.step, body.strength)
+    return body.step
+
+
+def image_body_limit(limits: LimitsConfig) -> int:
+    """Bodies that carry an image: the image base64-encoded (4/3) plus the other fields."""
+    return -(-limits.max_input_image_bytes * 4 // 3) + MAX_BODY_BYTES
+
+
+def is_multipart(content_type: str | None) -> bool:
+    return (content_type or "").lower().startswith("multipart/form-data")
+
+
+class _InMemoryParser(MultiPartParser):
+    # Uploads stay in memory (the body is already bounded): an input image never touches
+    # the disk, so nothing of it outlives the request.
+    spool_max_size = 2**62
+
+
+async def parse_form(body: bytes, content_type: str, file_field: str,
+                     limits: LimitsConfig) -> dict[str, Any]:
+    """A multipart/form-data body (already read within its limit) -> a dict for the JSON
+    model: numbers parsed from their text, the one file as base64 under `file_field`."""
+    import base64
+
+    async def once() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    # Two files: a second one (a mask) is then refused by name, not as "too many files".
+    parser = _InMemoryParser(Headers({"content-type": content_type}), once(), max_files=2,
+                             max_fields=32, max_part_size=MAX_BODY_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"multipart body: {exc.message}", field="body") from None
+    data: dict[str, Any] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                # OpenAI's SDKs name a list of images `image[]`: one is taken.
+                if name not in (file_field, file_field + "[]"):
+                    raise InvalidRequest(f"file field {name!r} is not supported", field=name)
+                name = file_field
+                if name in data:
+                    raise InvalidRequest(f"one {file_field} only", field=file_field)
+                raw = await value.read()
+                if len(raw) > limits.max_input_image_bytes:
+                    raise PayloadTooLarge(
+                        f"image is larger than {limits.max_input_image_bytes} bytes",
+                        field=file_field)
+                data[name] = base64.b64encode(raw)
+            elif name in data:
+                raise InvalidRequest(f"field {name!r} is given twice", field=name)
+            else:
+                data[name] = _form_value(name, value)
+    finally:
+        await form.close()
+    return data
+
+
+def _form_value(name: str, text: str) -> Any:
+    if name in INT_FORM_FIELDS and re.fullmatch(r"-?[0-9]{1,30}", text.strip()):
+        return int(text)
+    if name in FLOAT_FORM_FIELDS:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
 
 
 def plan_calls(request: Text2ImageRequest, seed: int, progress_key: str | None = None,
-               priority: Priority = "interactive") -> list[GenerationItem]:
+               priority: Priority = "interactive",
+               preview: bool = False) -> list[GenerationItem]:
     """`number` model calls of `batch` images each: the reference service's loop shape.
     Separate calls may land in separate batches, on separate replicas."""
     width, height = parse_size(request.size)
+    image = request.image if isinstance(request, Image2ImageRequest) else None
+    strength = request.strength if isinstance(request, Image2ImageRequest) else 1.0
     return [
         GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,
                        seed=seed, call_index=i, count=request.batch,
-                       progress_key=progress_key, priority=priority)
+                       progress_key=progress_key, priority=priority, init_image=image,
+                       strength=strength, preview=preview)
         for i in range(request.number)
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -33,6 +33,26 @@ class Text2ImageRequest(BaseModel):
         return prompt
 
 
+class Image2ImageRequest(Text2ImageRequest):
+    """The text-to-image fields plus an input image and how strongly to change it."""
+
+    image: Base64Bytes = Field(
+        description="The input image, PNG or JPEG, base64-encoded (a `data:image/...;base64,` "
+                    "prefix is allowed). Multipart requests send it as a file part instead. "
+                    "Fitted to `size` (scaled to cover it, centre-cropped).")
+    strength: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="How much of the input is replaced: 1.0 keeps nothing of it. About "
+                    "`step x strength` denoising steps run; that must be at least 1.")
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _strip_data_url(cls, value: object) -> object:
+        if isinstance(value, str) and value.startswith("data:") and "," in value:
+            return value.split(",", 1)[1]
+        return value
+
+
 class InputMeta(BaseModel):
     batch: int
     model: str
@@ -45,6 +65,14 @@ class InputMeta(BaseModel):
 
 class Meta(BaseModel):
     input: InputMeta
+
+
+class Image2ImageInputMeta(InputMeta):
+    strength: float
+
+
+class Image2ImageMeta(Meta):
+    input: Image2ImageInputMeta
 
 
 class OutputImage(BaseModel):
@@ -61,6 +89,12 @@ class Text2ImageResponse(BaseModel):
     # Set when number > 1: all images merged into one PNG under the same id.
     gridUrl: str | None = None
     status: Literal["success"] = "success"
+
+
+class Image2ImageResponse(Text2ImageResponse):
+    """The text-to-image response; `meta.input` also echoes `strength`."""
+
+    meta: Image2ImageMeta
 
 
 class ErrorDetail(BaseModel):
@@ -110,9 +144,14 @@ class ReadyResponse(BaseModel):
 ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "`unauthorized`: API keys are on and the bearer token is missing or wrong.",
     404: "`not_found`: unknown id or file, or a path that tries to leave the store.",
-    413: "`payload_too_large`: the body is over 64 KiB.",
+    413: "`payload_too_large`: the body is over 64 KiB (image-to-image: the image is over "
+         "`limits.max_input_image_bytes`).",
     422: "`invalid_request`: a field is missing, mistyped or out of range (`field` names "
-         "it), or the body is not UTF-8 JSON (`field: body`).",
+         "it), or the body is not UTF-8 JSON (`field: body`); `invalid_image`: the input "
+         "image is not a PNG or JPEG, its sides are outside the limits, or it does not "
+         "decode (`field: image`).",
+    501: "`not_supported`: the model's backend cannot do this (image-to-image on "
+         "backend openvino).",
     500: "`generation_failed`: the pipeline failed; `requestId` finds it in the logs.",
     503: "`overloaded` (with `Retry-After`): the model replicas' queues are full; "
          "`not_ready` on /readyz: no model replica has loaded yet.",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from serve_app.ingress.schemas import Text2ImageRequest
+from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,6 +28,16 @@ CALLBACK_TIMEOUT_S = 10.0
 class JobRequest(Text2ImageRequest):
     callbackUrl: HttpUrl | None = Field(
         default=None, description="Gets a POST of the job record when the job ends.")
+
+
+class Image2ImageJobRequest(Image2ImageRequest, JobRequest):
+    """An image-to-image job: the input image is kept in the job record (base64), so a
+    job taken over by another ingress can run; it expires with the record (store.ttl_s)."""
+
+
+def request_model(request: dict[str, Any]) -> type[Text2ImageRequest]:
+    """The request type a stored job request is read back as."""
+    return Image2ImageRequest if "image" in request else Text2ImageRequest
 
 
 class Progress(BaseModel):

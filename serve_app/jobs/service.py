@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound, Overloaded, ServiceError, error_body
-from serve_app.ingress.schemas import Text2ImageRequest
+from serve_app.ingress.parsing import steps_per_call
 from serve_app.jobs.records import (
     JobRecord,
     JobRequest,
@@ -34,6 +34,7 @@ from serve_app.jobs.records import (
     lost_record,
     post_callback,
     record_name,
+    request_model,
     step_record_name,
 )
 
@@ -110,10 +111,11 @@ class JobService:
         now = time.time()
         record = JobRecord(
             id=job_id, createdAt=now, updatedAt=now,
-            request=body.model_dump(exclude={"callbackUrl"}),
+            # JSON mode: an image-to-image input image is stored as base64.
+            request=body.model_dump(exclude={"callbackUrl"}, mode="json"),
             seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
             progress=Progress(total=body.number * body.batch,
-                              stepsTotal=body.number * body.step),
+                              stepsTotal=body.number * steps_per_call(body)),
             callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,
             statusUrl=f"{base}/api/jobs/{job_id}",
         )
@@ -185,7 +187,7 @@ class JobService:
 
     async def _run_job(self, record: JobRecord, base_url: str) -> None:
         cfg = self.config.jobs
-        body = Text2ImageRequest.model_validate(record.request)
+        body = request_model(record.request).model_validate(record.request)
 
         def progress(images: int) -> None:
             record.progress.done += images

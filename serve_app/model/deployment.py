@@ -22,11 +22,13 @@ from ray import serve
 from serve_app.batching.autoscaling import BACKLOG_METRIC
 from serve_app.batching.policy import plan_pipeline_calls, scatter
 from serve_app.config import AppConfig
+from serve_app.ingress.imaging import encode_png
 from serve_app.jobs.records import step_record_name
 from serve_app.metrics import ModelMetrics
-from serve_app.model.generator import ImageGenerator, load_factory
+from serve_app.model.generator import ImageGenerator, PreviewCallback, load_factory
+from serve_app.model.input_image import InvalidInputImage, decode_input_image
 from serve_app.model.step_progress import LatestValueWriter
-from serve_app.protocol import GenerationItem, ModelBatch, ModelResult
+from serve_app.protocol import GenerationItem, ModelBatch, ModelResult, preview_record_name
 from serve_app.store import ImageStore
 from serve_app.tee import check_tee
 
@@ -62,23 +64,59 @@ class Text2ImageModel:
         logger.info("model replica ready in %.2fs: %s", time.perf_counter() - started,
                     self.generator.info)
 
-    def _step_reporter(self, members: list[GenerationItem]) -> Callable[[int], None] | None:
-        """For async jobs: denoising steps done, written to the store off the pipeline
-        thread (an object-store PUT must not stall the step loop)."""
-        keyed = [(m.progress_key, m.call_index) for m in members if m.progress_key]
-        if not keyed:
-            return None
+    def _writer(self) -> LatestValueWriter:
         if self._progress is None:
             store = self.config.store
             assert store.url is not None  # AppConfig fills in the per-application default
             self._progress = LatestValueWriter(
                 ImageStore(store.url, store.storage_options).put_record)
-        progress = self._progress
+        return self._progress
+
+    def _step_reporter(self, members: list[GenerationItem]) -> Callable[[int], None] | None:
+        """For async jobs and streamed requests: denoising steps done, written to the store
+        off the pipeline thread (an object-store PUT must not stall the step loop)."""
+        keyed = [(m.progress_key, m.call_index) for m in members if m.progress_key]
+        if not keyed:
+            return None
+        progress = self._writer()
 
         def report(step: int) -> None:
             for key, index in keyed:
                 progress.submit(step_record_name(key, index), str(step).encode())
         return report
+
+    def _preview_reporter(self, members: list[GenerationItem]) -> PreviewCallback | None:
+        """Only when a member asked for previews (a client watches its stream): each
+        step's preview of the call's first image, as a small PNG written like the steps.
+        Written before the step count, so a reader that sees step n finds its preview."""
+        wanted: list[tuple[str, int, int]] = []
+        position = 0
+        for member in members:
+            if member.preview and member.progress_key:
+                wanted.append((member.progress_key, member.call_index, position))
+            position += member.count
+        if not wanted:
+            return None
+        progress = self._writer()
+
+        def report(step: int, previews: list[Any]) -> None:
+            for key, index, first_image in wanted:
+                progress.submit(preview_record_name(key, index),
+                                encode_png(previews[first_image]))
+        return report
+
+    def _decode_inputs(self, members: list[GenerationItem]) -> tuple[list[Any], list[int]]:
+        """Image-to-image inputs decoded and fitted (PIL, untrusted data: limits
+        re-checked here); the positions of members whose input does not decode."""
+        images: list[Any] = []
+        bad: list[int] = []
+        for i, member in enumerate(members):
+            try:
+                images.append(decode_input_image(member.init_image or b"", member.width,
+                                                 member.height, self.config.limits))
+            except InvalidInputImage:
+                bad.append(i)
+        return images, bad
 
     def info(self) -> dict[str, Any]:
         return dict(self.generator.info)
@@ -102,28 +140,55 @@ class Text2ImageModel:
         self._batch_sizes.append(len(items))
         self._prompts.extend(item.prompt for item in items)
         self._batch_shapes.append([item.shape_key for item in items])
-        loop = asyncio.get_running_loop()
         groups = plan_pipeline_calls(items, self.config.batching.max_images_per_call)
         results: list[list[ModelResult]] = []
         for group in groups:
-            members = [items[i] for i in group.indices]
-            start = time.perf_counter()
-            self._pipeline_calls += 1
-            on_step = self._step_reporter(members)
-            try:
-                images = await loop.run_in_executor(self._executor, self.generator.generate,
-                                                    members, on_step)
-            except Exception as exc:
-                # One shape failing must not fail the other shapes in the batch.
-                logger.exception("pipeline call failed for shape %s", group.key)
-                results.append([ModelResult(error=type(exc).__name__) for _ in members])
-                continue
-            elapsed = time.perf_counter() - start
-            first = members[0]
-            self._metrics.record_pipeline_call(first.width, first.height, first.steps,
-                                               sum(m.count for m in members), elapsed)
-            results.append([ModelResult(images=imgs, pipeline_s=elapsed, batch_size=len(items))
-                            for imgs in images])
+            results.append(await self._run_group([items[i] for i in group.indices], group.key,
+                                                 len(items)))
         # Idle until the next batch: nothing is waiting for this replica.
         self._backlog = 0
         return scatter(groups, results, len(items))
+
+    async def _run_group(self, members: list[GenerationItem], key: Any,
+                         batch_size: int) -> list[ModelResult]:
+        """One pipeline call; per member its images or its error. A member whose input
+        image does not decode gets `invalid_image`, and the others still run."""
+        loop = asyncio.get_running_loop()
+        out: list[ModelResult | None] = [None] * len(members)
+        init_images = None
+        if members[0].kind == "img2img":
+            init_images, bad = await loop.run_in_executor(self._executor, self._decode_inputs,
+                                                          members)
+            for i in bad:
+                out[i] = ModelResult(error="invalid_image",
+                                     message="image data is truncated, corrupt or outside "
+                                             "the limits")
+            running = [i for i in range(len(members)) if i not in bad]
+        else:
+            running = list(range(len(members)))
+        if not running:
+            return [r for r in out if r is not None]
+        run = [members[i] for i in running]
+        start = time.perf_counter()
+        self._pipeline_calls += 1
+        try:
+            images = await loop.run_in_executor(
+                self._executor, self.generator.generate, run, self._step_reporter(run),
+                self._preview_reporter(run), init_images)
+        except NotImplementedError as exc:
+            for i in running:
+                out[i] = ModelResult(error="not_supported", message=str(exc))
+            return [r for r in out if r is not None]
+        except Exception as exc:
+            # One shape failing must not fail the other shapes in the batch.
+            logger.exception("pipeline call failed for %s", key)
+            for i in running:
+                out[i] = ModelResult(error=type(exc).__name__)
+            return [r for r in out if r is not None]
+        elapsed = time.perf_counter() - start
+        first = run[0]
+        self._metrics.record_pipeline_call(first.width, first.height, first.steps,
+                                           sum(m.count for m in run), elapsed)
+        for i, imgs in zip(running, images):
+            out[i] = ModelResult(images=imgs, pipeline_s=elapsed, batch_size=batch_size)
+        return [r for r in out if r is not None]

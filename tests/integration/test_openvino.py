@@ -47,7 +47,14 @@ def run_app(name: str, paths: dict[str, Path]) -> dict:
         png = httpx.get(body["output"][0]["url"], timeout=30) if response.status_code == 200 \
             else None
         ir = Path(info["openvino"]["ir"])
+        source = io.BytesIO()
+        Image.new("RGB", (128, 128), (9, 99, 199)).save(source, "PNG")
+        import base64
+
+        img2img = httpx.post(f"{base}/{name}/api/image2image", timeout=60, json={
+            "prompt": "p", "image": base64.b64encode(source.getvalue()).decode()})
         return {"ready": ready, "info": info, "response": response, "png": png,
+                "img2img": img2img,
                 "mtimes": {p.name: p.stat().st_mtime_ns for p in ir.iterdir()}}
     finally:
         serve.delete(name)
@@ -111,3 +118,12 @@ def test_a_second_deployment_starts_from_the_cached_ir(first, second):
     # Same backend, same seed: the same PNG bytes.
     assert second["response"].status_code == 200
     assert second["png"].content == first["png"].content
+
+
+def test_image_to_image_is_a_clear_501_on_openvino(first):
+    response = first["img2img"]
+    assert response.status_code == 501
+    error = response.json()["error"]
+    assert error["code"] == "not_supported"
+    assert error["message"].startswith("image-to-image is not supported on backend openvino")
+    assert first["info"]["img2img"] is False

@@ -188,3 +188,87 @@ def test_playground_shows_protected_images_with_the_api_key(browser, protected_a
     assert url.startswith(f"{protected_app}/images/") and url.endswith("/0_0.png")
     assert httpx.get(url).status_code == 401
     assert not browser.find_element(By.ID, "error").is_displayed()
+
+
+@pytest.fixture(scope="module")
+def slow_app(serve_url, tmp_path_factory):
+    """Denoising steps that take 0.6 s each: long enough to watch them in the page."""
+    with deployed_app(serve_url, "slow-page", fake_args(
+            tmp_path_factory.mktemp("slow-page"),
+            model={"generator_options": {"delay_s": 2.4}})) as url:
+        yield url
+
+
+def _png_file(tmp_path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "input.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_playground_shows_progress_and_a_preview_before_the_images(browser, slow_app,
+                                                                   tmp_path):
+    import io
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    browser.get(slow_app)
+    browser.find_element(By.ID, "prompt").send_keys("a slow sunrise")
+    browser.find_element(By.ID, "submit").click()
+
+    # 1. While generating: the preview is shown, with the progress bar and its text, and
+    #    no final image yet.
+    preview = browser.find_element(By.ID, "preview")
+    _wait(browser, _loaded("document.getElementById('preview')"), "the first preview")
+    assert browser.find_elements(By.CSS_SELECTOR, "img.result-image") == []
+    assert _natural_size(browser, preview) == (64, 64)
+    text = browser.find_element(By.ID, "progress-text").text
+    assert text.startswith("step ") and " / 4 · " in text and text.endswith(" s")
+    bar = browser.find_element(By.ID, "progress")
+    assert bar.get_attribute("max") == "4"
+    assert 1 <= int(bar.get_attribute("value")) <= 4
+    # The screenshot shows it: the fake replica's previews are flat greys (32 x step).
+    shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
+    ratio = browser.execute_script("return window.devicePixelRatio")
+    rect = preview.rect
+    centre = (int((rect["x"] + rect["width"] / 2) * ratio),
+              int((rect["y"] + rect["height"] / 2) * ratio))
+    level = shot.getpixel(centre)
+    assert level[0] == level[1] == level[2] and level[0] in (32, 64, 96, 128), level
+    assert not browser.find_elements(By.CSS_SELECTOR, "img.result-image")
+    if os.environ.get("SDXL_SCREENSHOT_DIR"):
+        target = Path(os.environ["SDXL_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shot.save(target / "playground-progress.png")
+
+    # 2. Then the image; the bar is full and the result is in this session's history.
+    _wait(browser, _loaded("document.querySelectorAll('img.result-image')[0]"), "the image")
+    assert browser.find_element(By.ID, "progress-text").text.startswith("step 4 / 4 · ")
+    assert bar.get_attribute("value") == "4"
+    history = browser.find_elements(By.CSS_SELECTOR, "#history li")
+    assert [item.text for item in history] == ["a slow sunrise"]
+
+    # 3. Image to image: choose a file, set the strength; the history grows.
+    browser.find_element(By.ID, "mode-image").click()
+    browser.find_element(By.ID, "image-file").send_keys(str(_png_file(tmp_path)))
+    _wait(browser, _loaded("document.getElementById('input-thumb')"), "the input thumbnail")
+    browser.execute_script(
+        "const s = document.getElementById('strength'); s.value = '0.75';"
+        "s.dispatchEvent(new Event('input'));")
+    assert browser.find_element(By.ID, "strength-value").text == "0.75"
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("the same, in ink")
+    browser.find_element(By.ID, "submit").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2,
+          "the second result in the history")
+    _wait(browser, _loaded("document.querySelectorAll('img.result-image')[0]"), "the image")
+    items = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#history li")]
+    assert items == ["img2img · the same, in ink", "a slow sunrise"]
+    # 4 steps at strength 0.75: 3 denoising steps
+    assert browser.find_element(By.ID, "progress-text").text.startswith("step 3 / 3 · ")
+    assert not browser.find_element(By.ID, "error").is_displayed()

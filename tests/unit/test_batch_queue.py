@@ -139,3 +139,32 @@ def test_batches_are_capped_by_work_in_512_image_steps():
     for i in range(3):
         add(call(f"big{i}", size=1024, steps=4))
     assert names(queue.next_batch()) == ["big0", "big1", "big2"]
+
+
+def edit(name, strength=0.5, steps=4):
+    return GenerationItem(name, 512, 512, steps, seed=1, init_image=b"png", strength=strength)
+
+
+def test_image_to_image_calls_are_batched_apart_from_text_to_image():
+    queue, add, _ = make()
+    for item in [call("t1"), edit("i1"), call("t2"), edit("i2"), edit("i3", strength=1.0),
+                 call("t3")]:
+        add(item)
+    batches = []
+    while batch := queue.next_batch():
+        batches.append(names(batch))
+    # Same 512x512/4 shape, but separate pipelines; a strength is per pipeline call.
+    assert batches == [["t1", "t2", "t3"], ["i1", "i2"], ["i3"]]
+    for item in [call("t"), edit("i")]:
+        add(item)
+    assert queue.depth() == {("interactive", "512x512/4"): 1,
+                             ("interactive", "512x512/4/img2img"): 1}
+
+
+def test_image_to_image_work_counts_its_denoising_steps_and_the_encode():
+    queue, add, _ = make(max_work=6.0)
+    # strength 0.5 at 4 steps: 2 denoising steps + 1 for the VAE encode = 3 image-steps
+    for name in ("a", "b", "c"):
+        add(edit(name))
+    assert names(queue.next_batch()) == ["a", "b"]
+    assert names(queue.next_batch()) == ["c"]

@@ -19,9 +19,9 @@ def test_group_by_shape_keeps_arrival_order():
              item(size=1024)]
     groups = group_by_shape(items)
     assert [(g.key, g.indices) for g in groups] == [
-        ((512, 512, 4), (0, 3)),
-        ((1024, 1024, 4), (1, 4)),
-        ((512, 512, 1), (2,)),
+        (("txt2img", 512, 512, 4, 1.0), (0, 3)),
+        (("txt2img", 1024, 1024, 4, 1.0), (1, 4)),
+        (("txt2img", 512, 512, 1, 1.0), (2,)),
     ]
 
 
@@ -74,11 +74,37 @@ def test_pipeline_calls_are_capped_by_images():
              item(count=1)]
     calls = plan_pipeline_calls(items, max_images=6)
     assert [(c.key, c.indices) for c in calls] == [
-        ((512, 512, 4), (0, 1)),
-        ((512, 512, 4), (3, 4)),
-        ((1024, 1024, 4), (2,)),  # larger than the cap: runs alone
+        (("txt2img", 512, 512, 4, 1.0), (0, 1)),
+        (("txt2img", 512, 512, 4, 1.0), (3, 4)),
+        (("txt2img", 1024, 1024, 4, 1.0), (2,)),  # larger than the cap: runs alone
     ]
     assert [c.indices for c in plan_pipeline_calls(items, max_images=64)] == [
         (0, 1, 3, 4), (2,)]
     groups = plan_pipeline_calls(items, max_images=2)
     assert scatter(groups, [[i for i in g.indices] for g in groups], 5) == [0, 1, 2, 3, 4]
+
+
+def img2img(size=512, steps=4, strength=0.5, data=b"png"):
+    return GenerationItem("p", size, size, steps, 1, init_image=data, strength=strength)
+
+
+def test_image_to_image_is_grouped_apart_from_text_to_image_and_by_strength():
+    items = [item(), img2img(), item(), img2img(data=b"other"), img2img(strength=0.75)]
+    groups = group_by_shape(items)
+    assert [(g.key, g.indices) for g in groups] == [
+        (("txt2img", 512, 512, 4, 1.0), (0, 2)),
+        (("img2img", 512, 512, 4, 0.5), (1, 3)),
+        (("img2img", 512, 512, 4, 0.75), (4,)),
+    ]
+
+
+def test_image_to_image_runs_only_its_denoising_steps():
+    from serve_app.protocol import denoising_steps
+
+    # diffusers skips int(steps - steps x strength) steps of the schedule
+    assert [denoising_steps(4, s) for s in (1.0, 0.75, 0.5, 0.3, 0.25)] == [4, 3, 2, 2, 1]
+    assert denoising_steps(3, 0.5) == 2
+    assert denoising_steps(2, 0.4) == 1
+    assert img2img(steps=4, strength=0.5).denoising_steps == 2
+    assert item(steps=4).denoising_steps == 4
+    assert (item().kind, img2img().kind) == ("txt2img", "img2img")

@@ -34,7 +34,7 @@ def test_error_responses_give_the_error_body_and_a_description_per_status():
         503: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[503]},
     }
     assert error_responses() == {}
-    assert sorted(ERROR_DESCRIPTIONS) == [401, 404, 413, 422, 500, 503, 504]
+    assert sorted(ERROR_DESCRIPTIONS) == [401, 404, 413, 422, 500, 501, 503, 504]
     assert ERROR_DESCRIPTIONS[422].startswith("`invalid_request`: ")
 
 
