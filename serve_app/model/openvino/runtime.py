@@ -270,7 +270,6 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
         "optimizations": applied,
         "optimizations_skipped": skipped,
         "warnings": warnings,
-        "img2img": False,
         "openvino": {
             "ir": str(ir_dir),
             "exported": exported,
@@ -283,11 +282,6 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
     }
     logger.info("backend openvino: %s", info)
     generator = DiffusersGenerator(pipe, device="cpu", dtype=torch.float32, info=info)
-    # The export has the VAE decoder only; encoding an input image would need the encoder
-    # as IR too (a change to the export and its cache key), not done yet.
-    generator.img2img_unavailable = (
-        "image-to-image is not supported on backend openvino (its IR has no VAE encoder); "
-        "use backend torch or ipex")
     stage = time.perf_counter()
     generator.warmup(model_cfg.warmup_sizes)
     logger.info("model ready in %.2fs total (warm-up %.2fs)", time.perf_counter() - started,
