@@ -35,6 +35,7 @@ from serve_app.ingress.schemas import (
     Text2ImageResponse,
     error_responses,
 )
+from serve_app.jobs.broker import JobQueue, RedisKeys, keys_url
 from serve_app.jobs.records import JobRequest
 from serve_app.jobs.service import JobService
 from serve_app.metrics import record_error
@@ -77,7 +78,8 @@ _JOB_BODY_SCHEMA = _body_schema(JobRequest)
 class Ingress:
     """Routes only: generation and jobs are plain services (generation.py, jobs/service.py)."""
 
-    def __init__(self, batcher: Any, model: Any, config: dict[str, Any]) -> None:
+    def __init__(self, batcher: Any, model: Any, config: dict[str, Any],
+                 job_deployments: list[Any] | None = None) -> None:
         self.config = AppConfig.model_validate(config)
         security = self.config.security
         self.tee = check_tee(security.require_tee, security.tee_probe)
@@ -96,8 +98,10 @@ class Ingress:
                                          daemon=True)
         self._cleaner.start()
         self.generation = GenerationService(batcher, self.store, self.config)
-        self.jobs = JobService(self.store, self.config, self.generation.generate)
-        self._job_scanner = self.jobs.start_scanner()
+        # Jobs are queued on the broker; the JobConsumer deployment runs them.
+        broker = self.config.jobs.broker
+        self.jobs = JobService(self.store, self.config, JobQueue(self.config),
+                               RedisKeys(keys_url(broker), self.config.store.ttl_s))
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
@@ -183,7 +187,7 @@ class Ingress:
 
     @app.post("/api/jobs", status_code=202, openapi_extra=_JOB_BODY_SCHEMA,
               responses={200: {"description": "The job this Idempotency-Key already made."},
-                         **error_responses(401, 413, 422)})
+                         **error_responses(401, 413, 422, 503)})
     async def submit_job(self, request: Request) -> JSONResponse:
         """Queue a generation; poll the status URL, or get a POST at `callbackUrl`."""
         self._authorize(request)
