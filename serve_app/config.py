@@ -228,6 +228,8 @@ class BrokerConfig(StrictModel):
     # (so it must be set when the broker is not Redis). Same `_env` rule as above.
     keys_url: str | None = None
     keys_url_env: str | None = None
+    # Two services on one broker need two names: each consumer takes every job of its
+    # queue, and finds only its own service's records.
     queue_name: str = Field(default="sdxl-jobs", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # embedded: the loopback port and the directory of its append-only file (unset: a
     # directory of this application's own beside the default image store).
@@ -338,11 +340,11 @@ class AppConfig(StrictModel):
                 raise ValueError(f"model.warmup_sizes has {size!r}, not in limits.allowed_sizes")
         if self.jobs.broker.embedded_dir is None:
             self.jobs.broker.embedded_dir = default_store_dir(self.app_name) + "-broker"
-        # A job's run is bounded by the request timeout (plus its PNGs and callbacks); a
-        # shorter visibility timeout would hand a live job to a second consumer.
-        if self.jobs.broker.visibility_timeout_s <= self.ingress.request_timeout_s + 30:
+        # A job's run is bounded by the request timeout (plus its PNGs and its callback's
+        # retries); a shorter visibility timeout would hand a live job to a second consumer.
+        if self.jobs.broker.visibility_timeout_s < self.ingress.request_timeout_s + 10:
             raise ValueError("jobs.broker.visibility_timeout_s must exceed "
-                             "ingress.request_timeout_s by more than 30 s")
+                             "ingress.request_timeout_s by 10 s or more")
         return self
 
     @property

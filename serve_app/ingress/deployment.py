@@ -101,7 +101,8 @@ class Ingress:
         # Jobs are queued on the broker; the JobConsumer deployment runs them.
         broker = self.config.jobs.broker
         self.jobs = JobService(self.store, self.config, JobQueue(self.config),
-                               RedisKeys(keys_url(broker), self.config.store.ttl_s))
+                               RedisKeys(keys_url(broker), self.config.store.ttl_s,
+                                         broker.queue_name))
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()

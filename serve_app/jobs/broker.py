@@ -148,18 +148,18 @@ class JobQueue:
 class RedisKeys:
     """Idempotency keys: one Redis SET NX per key, atomic across ingress replicas."""
 
-    PREFIX = "sdxl-jobs:key:"
-
-    def __init__(self, url: str, ttl_s: float) -> None:
+    def __init__(self, url: str, ttl_s: float, namespace: str) -> None:
         import redis.asyncio
 
         self.client = redis.asyncio.Redis.from_url(url, socket_timeout=10,
                                                    socket_connect_timeout=5)
         self.ttl_s = max(1, int(ttl_s))
+        # Per queue: two services sharing one Redis keep their keys apart.
+        self.prefix = f"{namespace}:idempotency:"
 
     def _name(self, key: str) -> str:
         # Hashed: the client's key may be anything, and is not stored in clear.
-        return self.PREFIX + hashlib.sha256(key.encode()).hexdigest()
+        return self.prefix + hashlib.sha256(key.encode()).hexdigest()
 
     async def claim(self, key: str, job_id: str) -> str | None:
         """None when `job_id` now owns the key; else the job id that owned it first."""
