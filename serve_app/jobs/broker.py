@@ -106,6 +106,9 @@ def task_processor_config(config: AppConfig) -> TaskProcessorConfig:
                 "autoretry_for": (JobRetry,),
                 "retry_backoff": True,
                 "retry_backoff_max": 30,
+                # Outcomes live in the job record; no Celery result is written (a result
+                # write failing while Redis restarts would count as the task failing).
+                "ignore_result": True,
             },
         ),
         max_retries=config.jobs.max_attempts + 1,
