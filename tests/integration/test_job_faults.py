@@ -74,12 +74,12 @@ def check_run(name: str, jobs: list[dict], started: float, log: Path) -> dict:
     runs = executions(log)
     statuses = collections.Counter(r["status"] for r in records)
     assert statuses == {"succeeded": JOBS}, statuses
-    # Each job's pipeline ran once per attempt its record counts, and at least once.
+    # Every job's pipeline ran, and no other call did. It may run twice in one attempt: a
+    # batch lost with its model replica after the pipeline ran is sent again.
     assert sorted(runs) == sorted(r["id"] for r in records)
     attempts = {r["id"]: r["attempts"] for r in records}
     ran_twice = sum(1 for count in runs.values() if count > 1)
     delivered_twice = sum(1 for a in attempts.values() if a > 1)
-    assert all(runs[job_id] <= attempts[job_id] for job_id in attempts), (runs, attempts)
     result = {"run": name, "succeeded": statuses["succeeded"], "lost": JOBS - len(records),
               "drain_s": round(drained_s, 1), "jobs_per_s": round(JOBS / drained_s, 1),
               "executions": sum(runs.values()), "ran_twice": ran_twice,
@@ -110,8 +110,10 @@ def test_200_jobs_survive_a_consumer_replica_killed(deployed, tmp_path):
         time.sleep(0.05)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     result = check_run("consumer killed", jobs, started, log)
-    # The killed consumer's jobs in flight (up to its 8 worker threads) ran again.
+    # The killed consumer's jobs in flight (up to its 8 worker threads) ran again, after
+    # the broker's visibility timeout (30 s here).
     assert 1 <= result["attempted_twice"] <= 8, result
+    assert result["ran_twice"] <= result["attempted_twice"], result
 
 
 def test_200_jobs_survive_a_model_replica_killed(deployed, tmp_path):
@@ -126,8 +128,10 @@ def test_200_jobs_survive_a_model_replica_killed(deployed, tmp_path):
         time.sleep(0.05)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     result = check_run("model replica killed", jobs, started, log)
-    # The batcher sends a lost batch again itself: no job needs a second delivery.
+    # The batcher sends a lost batch again itself: no job needs a second delivery. Only
+    # the batch on the killed replica (one call: max_batch_size 1) can have run twice.
     assert result["attempted_twice"] == 0, result
+    assert result["ran_twice"] <= 1, result
 
 
 @pytest.fixture
@@ -151,3 +155,6 @@ def test_200_jobs_survive_a_redis_restart_with_persistence(deployed, tmp_path, o
     own_redis.start()
     result = check_run("redis restarted", jobs, started, log)
     assert result["lost"] == 0
+    # A job whose acknowledgement was lost with the connection is delivered again; its
+    # second delivery finds the job finished or runs it again (counted, not forbidden).
+    assert result["ran_twice"] <= result["attempted_twice"], result
