@@ -68,7 +68,18 @@ def executions(log: Path) -> collections.Counter:
     return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
 
 
-def check_run(name: str, jobs: list[dict], started: float, log: Path) -> dict:
+def redeliveries_of_finished_jobs(app: str) -> int:
+    """Deliveries that found their job already finished (and ran nothing), from the
+    consumer replicas' logs."""
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return sum(line.count("delivered again after it ended")
+               for path in logs.glob(f"replica_{app}_JobConsumer_*.log")
+               for line in path.read_text(errors="replace").splitlines())
+
+
+def check_run(name: str, app: str, jobs: list[dict], started: float, log: Path) -> dict:
     records = wait_all(jobs)
     drained_s = max(r["updatedAt"] for r in records) - started
     runs = executions(log)
@@ -83,7 +94,8 @@ def check_run(name: str, jobs: list[dict], started: float, log: Path) -> dict:
     result = {"run": name, "succeeded": statuses["succeeded"], "lost": JOBS - len(records),
               "drain_s": round(drained_s, 1), "jobs_per_s": round(JOBS / drained_s, 1),
               "executions": sum(runs.values()), "ran_twice": ran_twice,
-              "attempted_twice": delivered_twice}
+              "attempted_twice": delivered_twice,
+              "redelivered_after_finish": redeliveries_of_finished_jobs(app)}
     print("JOBS-BENCH", result)
     return result
 
@@ -93,7 +105,7 @@ def test_200_jobs_drain_through_two_model_replicas_each_run_once(deployed, tmp_p
     url = deployed("jobs-200", bench_args(tmp_path / "store", log))
     started = time.time()
     jobs = submit_all(url)
-    result = check_run("plain", jobs, started, log)
+    result = check_run("plain", "jobs-200", jobs, started, log)
     assert (result["executions"], result["ran_twice"], result["attempted_twice"]) == (
         JOBS, 0, 0)
 
@@ -109,7 +121,7 @@ def test_200_jobs_survive_a_consumer_replica_killed(deployed, tmp_path):
     while sum(executions(log).values()) < 40:  # the run is well under way
         time.sleep(0.05)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    result = check_run("consumer killed", jobs, started, log)
+    result = check_run("consumer killed", "jobs-kill-consumer", jobs, started, log)
     # The killed consumer's jobs in flight (up to its 8 worker threads) ran again, after
     # the broker's visibility timeout (30 s here).
     assert 1 <= result["attempted_twice"] <= 8, result
@@ -127,7 +139,7 @@ def test_200_jobs_survive_a_model_replica_killed(deployed, tmp_path):
     while sum(executions(log).values()) < 40:
         time.sleep(0.05)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    result = check_run("model replica killed", jobs, started, log)
+    result = check_run("model replica killed", "jobs-kill-model", jobs, started, log)
     # The batcher sends a lost batch again itself: no job needs a second delivery. Only
     # the batch on the killed replica (one call: max_batch_size 1) can have run twice.
     assert result["attempted_twice"] == 0, result
@@ -153,7 +165,7 @@ def test_200_jobs_survive_a_redis_restart_with_persistence(deployed, tmp_path, o
     own_redis.stop()  # SIGTERM: Redis writes its append-only file out and exits
     time.sleep(2.0)
     own_redis.start()
-    result = check_run("redis restarted", jobs, started, log)
+    result = check_run("redis restarted", "jobs-redis-restart", jobs, started, log)
     assert result["lost"] == 0
     # A job whose acknowledgement was lost with the connection is delivered again; its
     # second delivery finds the job finished or runs it again (counted, not forbidden).
