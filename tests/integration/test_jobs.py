@@ -11,8 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.jobs.records import JobRecord, Progress, dump, record_name
-from serve_app.store import ImageStore
 from tests.integration.conftest import deployed_app, fake_args, free_port
 from tests.integration.test_load_and_faults import replica_actor_names
 
