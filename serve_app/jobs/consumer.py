@@ -22,6 +22,7 @@ from serve_app.jobs.broker import RUN_JOB_TASK, task_processor_config
 from serve_app.jobs.redis_server import RedisProcess
 from serve_app.jobs.service import JobRunner
 from serve_app.store import ImageStore
+from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,6 +32,9 @@ RUNNING_JOBS_METRIC = "jobs_running"
 class JobConsumer:
     def __init__(self, batcher: Any, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
+        # It reads the job's request (the prompt): confidential mode covers it as it covers
+        # the ingress.
+        check_tee(self.config.security.require_tee, self.config.security.tee_probe)
         store_cfg = self.config.store
         store = ImageStore(store_cfg.url or "", store_cfg.storage_options)
         generation = GenerationService(batcher, store, self.config)
