@@ -11,6 +11,7 @@ serve_app.jobs.records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -137,18 +138,24 @@ class JobService:
         # The record is written before the key is claimed: a concurrent submission with the
         # same key that loses the claim can read the winner's record at once.
         await self.records.save(record)
-        if idempotency_key:
-            owner = await self._claim(idempotency_key, record.id)
-            if owner is not None:
-                await self.records.delete(record.id)
-                return owner, False
+        claimed = False
         try:
+            if idempotency_key:
+                owner = await self._claim(idempotency_key, record.id)
+                if owner is not None:
+                    await self.records.delete(record.id)
+                    return owner, False
+                claimed = True
             await asyncio.to_thread(self.queue.enqueue, record.id, base_url)
-        except Exception as exc:
+        except ServiceError:
+            await self.records.delete(record.id)
+            raise
+        except Exception as exc:  # the broker or the key store cannot be reached
             logger.warning("job %s: could not be queued (%s)", record.id, type(exc).__name__)
             await self.records.delete(record.id)
-            if idempotency_key:
-                await self.keys.release(idempotency_key, record.id)
+            if claimed and idempotency_key:
+                with contextlib.suppress(Exception):
+                    await self.keys.release(idempotency_key, record.id)
             raise JobsUnavailable("the job queue is unavailable; submit again later",
                                   retry_after_s=self.config.ingress.retry_after_s) from None
         return record, True

@@ -181,3 +181,19 @@ def test_a_job_the_broker_cannot_take_is_503_and_leaves_nothing_behind():
         503, "jobs_unavailable", {"Retry-After": "7"})
     assert keys.keys == {}  # the key is free for the client's retry
     assert gen.store.fs.find(gen.store.root) == []
+
+
+def test_a_key_store_that_cannot_be_reached_is_503_too():
+    from serve_app.errors import JobsUnavailable
+
+    class DownKeys(DictKeys):
+        async def claim(self, key: str, job_id: str) -> str | None:
+            raise ConnectionError("redis down")
+
+    gen = service(FakeBatcher())
+    queue = ListQueue()
+    jobs = JobService(gen.store, gen.config, queue, DownKeys())
+    with pytest.raises(JobsUnavailable):
+        asyncio.run(jobs.submit(JobRequest.model_validate({"prompt": "p"}), "k", "http://h"))
+    assert queue.jobs == []
+    assert gen.store.fs.find(gen.store.root) == []
