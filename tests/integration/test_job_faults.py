@@ -164,7 +164,10 @@ def test_200_jobs_survive_a_redis_restart_with_persistence(deployed, tmp_path, o
     while sum(executions(log).values()) < 40:
         time.sleep(0.05)
     own_redis.stop()  # SIGTERM: Redis writes its append-only file out and exits
-    time.sleep(2.0)
+    # While it is down a submission is refused, not acknowledged and lost.
+    refused = httpx.post(f"{url}/api/jobs", json={"prompt": "while down"}, timeout=60)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "jobs_unavailable")
+    assert refused.headers["retry-after"] == "5"
     own_redis.start()
     result = check_run("redis restarted", "jobs-redis-restart", jobs, started, log)
     assert result["lost"] == 0
