@@ -163,12 +163,15 @@ def test_200_jobs_survive_a_redis_restart_with_persistence(deployed, tmp_path, o
     jobs = submit_all(url)  # every job acknowledged (202) before the restart
     while sum(executions(log).values()) < 40:
         time.sleep(0.05)
+    stopped = time.monotonic()
     own_redis.stop()  # SIGTERM: Redis writes its append-only file out and exits
     # While it is down a submission is refused, not acknowledged and lost.
     refused = httpx.post(f"{url}/api/jobs", json={"prompt": "while down"}, timeout=60)
     assert (refused.status_code, refused.json()["error"]["code"]) == (503, "jobs_unavailable")
     assert refused.headers["retry-after"] == "5"
+    time.sleep(max(0.0, 3.0 - (time.monotonic() - stopped)))  # down for 3 s
     own_redis.start()
+    print(f"JOBS-BENCH redis down for {time.monotonic() - stopped:.1f} s")
     result = check_run("redis restarted", "jobs-redis-restart", jobs, started, log)
     assert result["lost"] == 0
     # A job whose acknowledgement was lost with the connection is delivered again; its
