@@ -228,6 +228,9 @@ class BrokerConfig(StrictModel):
     # (so it must be set when the broker is not Redis). Same `_env` rule as above.
     keys_url: str | None = None
     keys_url_env: str | None = None
+    # RabbitMQ only: its management API (http://user:pass@host:15672/api/), where the
+    # consumer's autoscaling policy reads the queue's length.
+    management_url: str | None = None
     # Two services on one broker need two names: each consumer takes every job of its
     # queue, and finds only its own service's records.
     queue_name: str = Field(default="sdxl-jobs", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -241,10 +244,12 @@ class BrokerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _keys_on_redis(self) -> BrokerConfig:
-        if (self.url.startswith("amqp") and self.keys_url is None
-                and self.keys_url_env is None):
+        if self.url.startswith("amqp") and self.keys_url is None and self.keys_url_env is None:
             raise ValueError("jobs.broker.keys_url (or keys_url_env) must name a Redis when "
                              "the broker is RabbitMQ: idempotency keys live in Redis")
+        if self.url.startswith("amqp") and self.management_url is None:
+            raise ValueError("jobs.broker.management_url must name RabbitMQ's management API "
+                             "(the consumer scales on the queue's length read there)")
         return self
 
 

@@ -78,6 +78,8 @@ _JOB_BODY_SCHEMA = _body_schema(JobRequest)
 class Ingress:
     """Routes only: generation and jobs are plain services (generation.py, jobs/service.py)."""
 
+    # job_deployments (JobConsumer, EmbeddedBroker) are never called from here: bound in,
+    # they belong to the application (app.py).
     def __init__(self, batcher: Any, model: Any, config: dict[str, Any],
                  job_deployments: list[Any] | None = None) -> None:
         self.config = AppConfig.model_validate(config)

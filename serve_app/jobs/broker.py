@@ -101,9 +101,9 @@ def task_processor_config(config: AppConfig) -> TaskProcessorConfig:
             task_custom_config={
                 # Only a run that may be tried again is retried by Celery; JobFailed is final
                 # and goes to the dead-letter queue. The runner counts attempts itself (a
-                # delivery after a lost consumer counts too), so Celery's own limit is never
-                # the one that ends a job.
+                # delivery after a lost consumer counts too).
                 "autoretry_for": (JobRetry,),
+                "max_retries": None,  # Celery's class default (3) would apply otherwise
                 "retry_backoff": True,
                 "retry_backoff_max": 30,
                 # Outcomes live in the job record; no Celery result is written (a result
@@ -111,7 +111,10 @@ def task_processor_config(config: AppConfig) -> TaskProcessorConfig:
                 "ignore_result": True,
             },
         ),
-        max_retries=config.jobs.max_attempts + 1,
+        # No limit of Celery's own: the runner ends a failing job after jobs.max_attempts
+        # (raising JobFailed), and a job deferred by a full batching queue may be retried
+        # any number of times (it waits, it does not fail).
+        max_retries=None,
         failed_task_queue_name=failed_queue(cfg),
         unprocessable_task_queue_name=f"{cfg.queue_name}-unprocessable",
     )
@@ -193,6 +196,7 @@ class QueueDepthPolicy(AsyncInferenceAutoscalingPolicy):
                  running_metric: str) -> None:
         cfg = BrokerConfig.model_validate(broker)
         super().__init__(broker_url=broker_url(cfg), queue_name=cfg.queue_name,
+                         rabbitmq_management_url=cfg.management_url,
                          poll_interval_s=poll_interval_s)
         self.running_metric = running_metric
 

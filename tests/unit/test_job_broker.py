@@ -49,20 +49,24 @@ def test_an_unset_url_variable_fails_with_its_name(monkeypatch):
 def test_the_task_processor_config_gives_late_acks_a_dlq_and_retries_by_the_runner():
     tpc = task_processor_config(config(max_attempts=4, broker={"queue_name": "q1"}))
     assert (tpc.queue_name, tpc.failed_task_queue_name) == ("q1", "q1-failed")
-    # The runner ends a job itself after max_attempts; Celery's own limit is above it.
-    assert tpc.max_retries == 5
+    # The runner ends a job itself after max_attempts; Celery has no limit of its own.
+    assert tpc.max_retries is None
     task = tpc.adapter_config.task_custom_config
     assert task["autoretry_for"] == (JobRetry,) and task["ignore_result"] is True
+    assert task["max_retries"] is None
     app = tpc.adapter_config.app_custom_config
     assert app["worker_prefetch_multiplier"] == 1
     assert tpc.adapter_config.broker_transport_options["visibility_timeout"] == 900.0
 
 
-def test_rabbitmq_needs_a_redis_for_the_keys():
+def test_rabbitmq_needs_a_redis_for_the_keys_and_its_management_api():
+    mgmt = {"management_url": "http://guest:guest@mq:15672/api/"}
     with pytest.raises(ValidationError, match="keys_url"):
-        config(broker={"url": "amqp://guest:guest@mq:5672//"})
+        config(broker={"url": "amqp://guest:guest@mq:5672//", **mgmt})
+    with pytest.raises(ValidationError, match="management_url"):
+        config(broker={"url": "amqp://guest:guest@mq:5672//", "keys_url": "redis://k:6379"})
     cfg = config(broker={"url": "amqp://guest:guest@mq:5672//",
-                         "keys_url": "redis://keys:6379/0"}).jobs.broker
+                         "keys_url": "redis://keys:6379/0", **mgmt}).jobs.broker
     assert (broker_url(cfg), keys_url(cfg)) == ("amqp://guest:guest@mq:5672//",
                                                 "redis://keys:6379/0")
 
