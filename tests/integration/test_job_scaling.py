@@ -64,3 +64,40 @@ def test_the_embedded_broker_is_a_redis_server_the_application_owns(serve_url, t
     while ping(port):  # the server went with the application
         assert time.monotonic() < deadline, "the embedded redis-server outlived its app"
         time.sleep(0.2)
+
+
+def running(app: str, deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return states.get("RUNNING", 0)
+
+
+def test_with_model_replicas_at_zero_too_a_job_brings_both_up_and_both_go_back(deployed,
+                                                                              tmp_path):
+    """replica.autoscaling.min_replicas 0 (no interactive minimum): nothing runs while the
+    queue is empty; a job scales the consumer, and its call the model, from zero."""
+    url = deployed("jobs-all-zero", fake_args(
+        tmp_path, model={"generator_options": {"delay_s": 0.2}},
+        replica={"autoscaling": {"min_replicas": 0, "max_replicas": 1,
+                                 "upscale_delay_s": 0, "downscale_delay_s": 3}},
+        jobs={"consumer": {"min_replicas": 0, "downscale_delay_s": 3,
+                           "queue_poll_interval_s": 1.0}}))
+    # The model starts with one replica (initial_replicas), idle: it goes.
+    deadline = time.monotonic() + 60
+    while (running("jobs-all-zero", "JobConsumer"),
+           running("jobs-all-zero", "Text2ImageModel")) != (0, 0):
+        assert time.monotonic() < deadline, "the idle model replica never went"
+        time.sleep(0.5)
+    started = time.monotonic()
+    record = wait_done(submit(url, {"prompt": "cold", "step": 1}).json()["statusUrl"],
+                       timeout_s=120)
+    first_result_s = time.monotonic() - started
+    assert (record["status"], record["attempts"]) == ("succeeded", 1)
+    done = time.monotonic()
+    while (running("jobs-all-zero", "JobConsumer"),
+           running("jobs-all-zero", "Text2ImageModel")) != (0, 0):
+        assert time.monotonic() - done < 90, "not back to zero"
+        time.sleep(0.5)
+    print(f"JOBS-ZERO all at zero: first job {first_result_s:.1f} s; both back to zero "
+          f"{time.monotonic() - done:.1f} s after it ended (downscale_delay_s 3)")
