@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 from ray import serve
@@ -64,6 +65,19 @@ class JobConsumer:
     async def check_health(self) -> None:
         if not self._loop.is_running():
             raise RuntimeError("the consumer's job loop stopped")
+
+    def __del__(self) -> None:
+        # Called on shutdown after the Celery worker was told to stop taking jobs (the
+        # task-consumer wrapper does that first). Serve may stop a replica that still runs
+        # jobs (scaling down picks any replica): let them end and be acknowledged, within
+        # the deployment's graceful_shutdown_timeout_s, rather than leave them to be
+        # delivered again after the visibility timeout.
+        config = getattr(self, "config", None)  # absent when __init__ failed
+        if config is None:
+            return
+        deadline = time.monotonic() + config.ingress.request_timeout_s + 20
+        while self._running > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def consumer_deployment(config: AppConfig) -> Any:
