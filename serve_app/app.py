@@ -14,6 +14,11 @@ from ray.serve import Application
 from serve_app.batching.deployment import Batcher
 from serve_app.config import AppConfig, load_config
 from serve_app.ingress.deployment import Ingress
+from serve_app.jobs.consumer import (
+    RUNNING_JOBS_METRIC,
+    EmbeddedBrokerDeployment,
+    consumer_deployment,
+)
 from serve_app.model.deployment import Text2ImageModel
 from serve_app.model.source import check_local_source
 
@@ -91,6 +96,36 @@ def batcher_deployment_options(config: AppConfig) -> dict[str, Any]:
     }
 
 
+def consumer_deployment_options(config: AppConfig) -> dict[str, Any]:
+    consumer = config.jobs.consumer
+    actor_options: dict[str, Any] = {"num_cpus": consumer.num_cpus}
+    if config.ingress.resources:
+        actor_options["resources"] = dict(config.ingress.resources)
+    return {
+        "ray_actor_options": actor_options,
+        # The Celery worker threads: jobs one replica runs at once.
+        "max_ongoing_requests": consumer.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": consumer.min_replicas,
+            "initial_replicas": consumer.min_replicas,
+            "max_replicas": consumer.max_replicas,
+            "target_ongoing_requests": consumer.target_ongoing_requests,
+            "upscale_delay_s": consumer.upscale_delay_s,
+            "downscale_delay_s": consumer.downscale_delay_s,
+            "downscale_to_zero_delay_s": consumer.downscale_delay_s,
+            # Queue length (read from the broker) plus running jobs (jobs/broker.py).
+            "policy": {"policy_function": "serve_app.jobs.broker:QueueDepthPolicy",
+                       "policy_kwargs": {
+                           "broker": config.jobs.broker.model_dump(mode="json"),
+                           "poll_interval_s": consumer.queue_poll_interval_s,
+                           "running_metric": RUNNING_JOBS_METRIC}},
+        },
+        # A stopping consumer finishes the jobs it runs (each bounded by the request
+        # timeout); one cut off is delivered again after the visibility timeout.
+        "graceful_shutdown_timeout_s": config.ingress.request_timeout_s + 30,
+    }
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = load_config(args)
     check_local_source(config.model.source)
@@ -100,5 +135,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         **model_deployment_options(config)).bind(payload)
     batcher = Batcher.options(  # type: ignore[attr-defined]
         **batcher_deployment_options(config)).bind(model, payload)
+    # Bound into the application through the ingress (which never calls them), so one
+    # `serve run` starts and stops them with the rest.
+    job_deployments = [consumer_deployment(config).options(
+        **consumer_deployment_options(config)).bind(batcher, payload)]
+    if config.jobs.broker.url == "embedded" and not config.jobs.broker.url_env:
+        job_deployments.append(EmbeddedBrokerDeployment.options(
+            num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(payload))
     return Ingress.options(  # type: ignore[attr-defined]
-        **ingress_deployment_options(config)).bind(batcher, model, payload)
+        **ingress_deployment_options(config)).bind(batcher, model, payload,
+                                                   job_deployments=job_deployments)

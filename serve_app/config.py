@@ -219,21 +219,82 @@ class LimitsConfig(StrictModel):
         return sizes
 
 
-class JobsConfig(StrictModel):
-    """Async jobs (POST /api/jobs): records live in the image store."""
+class BrokerConfig(StrictModel):
+    """Where async jobs are queued (Ray Serve's task consumer, Celery adapter)."""
 
-    # A queued/running job whose record is not refreshed for this long is taken over by
-    # another ingress replica (its own ingress died).
-    lease_s: float = Field(default=30.0, gt=0)
-    heartbeat_s: float = Field(default=5.0, gt=0)
-    scan_interval_s: float = Field(default=10.0, gt=0)
-    # Runs of one job before it is marked failed (a lost replica costs one run).
+    # "embedded": a redis-server process the application starts and owns on loopback
+    # (one node: the quick start). Otherwise the broker's URL: redis:// or rediss://
+    # (ApsaraDB for Redis/Tair, any Redis), or amqp:// (RabbitMQ, with keys_url set).
+    url: str = "embedded"
+    # Name of an environment variable holding the URL (from a Kubernetes Secret: a URL
+    # with a password never goes in a config file). Set, it wins over `url`.
+    url_env: str | None = None
+    # Redis for idempotency keys and Celery's task results. Unset: the broker's own URL
+    # (so it must be set when the broker is not Redis). Same `_env` rule as above.
+    keys_url: str | None = None
+    keys_url_env: str | None = None
+    # RabbitMQ only: its management API (http://user:pass@host:15672/api/), where the
+    # consumer's autoscaling policy reads the queue's length.
+    management_url: str | None = None
+    # Two services on one broker need two names: each consumer takes every job of its
+    # queue, and finds only its own service's records.
+    queue_name: str = Field(default="sdxl-jobs", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # embedded: the loopback port and the directory of its append-only file (unset: a
+    # directory of this application's own beside the default image store).
+    embedded_port: int = Field(default=6390, ge=1, le=65535)
+    embedded_dir: str | None = None
+    # A job taken by a consumer that dies is delivered again once it has been unacknowledged
+    # this long; it must exceed a job's longest run (a live job is never taken twice).
+    visibility_timeout_s: float = Field(default=900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keys_on_redis(self) -> BrokerConfig:
+        if self.url.startswith("amqp") and self.keys_url is None and self.keys_url_env is None:
+            raise ValueError("jobs.broker.keys_url (or keys_url_env) must name a Redis when "
+                             "the broker is RabbitMQ: idempotency keys live in Redis")
+        if self.url.startswith("amqp") and self.management_url is None:
+            raise ValueError("jobs.broker.management_url must name RabbitMQ's management API "
+                             "(the consumer scales on the queue's length read there)")
+        return self
+
+
+class ConsumerConfig(StrictModel):
+    """The JobConsumer deployment: takes jobs off the queue and sends their calls to the
+    batcher at job priority. Scales on the queue's length (Serve's async-inference policy)."""
+
+    # Jobs one consumer replica runs at once (its Celery worker threads).
+    max_ongoing_requests: int = Field(default=8, ge=1, le=256)
+    num_cpus: float = Field(default=0.1, ge=0)
+    # 0: no consumer replica while the queue and HTTP traffic are empty.
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    # Queued + running jobs per replica the policy aims at.
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    upscale_delay_s: float = Field(default=0.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    # How often the policy reads the queue's length from the broker.
+    queue_poll_interval_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ConsumerConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("jobs.consumer.min_replicas must be <= max_replicas")
+        return self
+
+
+class JobsConfig(StrictModel):
+    """Async jobs (POST /api/jobs): queued on a broker, records in the image store."""
+
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    consumer: ConsumerConfig = Field(default_factory=ConsumerConfig)
+    # Runs of one job before it is marked failed and sent to the dead-letter queue (a lost
+    # replica costs one run).
     max_attempts: int = Field(default=3, ge=1)
     callback_attempts: int = Field(default=5, ge=1)
     callback_backoff_s: float = Field(default=1.0, ge=0)
     # Hosts a job's callbackUrl may name: exact host names or IPs, or "*.example.com" for
     # its subdomains. null allows any host: set it when clients are not fully trusted,
-    # since the ingress POSTs wherever callbackUrl points, inside your network too.
+    # since the consumer POSTs wherever callbackUrl points, inside your network too.
     # Callbacks never follow redirects.
     callback_hosts: list[str] | None = None
 
@@ -247,12 +308,6 @@ class JobsConfig(StrictModel):
                 raise ValueError(f"callback_hosts: {host!r} is not a host name, an IP, "
                                  "or '*.domain' (no scheme, port or path)")
         return hosts
-
-    @model_validator(mode="after")
-    def _heartbeat_inside_lease(self) -> JobsConfig:
-        if self.heartbeat_s >= self.lease_s:
-            raise ValueError("jobs.heartbeat_s must be shorter than jobs.lease_s")
-        return self
 
 
 class SecurityConfig(StrictModel):
@@ -268,8 +323,8 @@ class SecurityConfig(StrictModel):
 
 
 class AppConfig(StrictModel):
-    # Names this service's default image store (store.url): two services on one machine
-    # with one app_name share it, and each takes over the other's stale jobs.
+    # Names this service's default image store (store.url) and embedded broker directory:
+    # two services on one machine with one app_name share them.
     app_name: str = Field(default="sdxl-turbo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     model: ModelConfig = Field(default_factory=ModelConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
@@ -293,6 +348,13 @@ class AppConfig(StrictModel):
         for size in self.model.warmup_sizes:
             if size not in self.limits.allowed_sizes:
                 raise ValueError(f"model.warmup_sizes has {size!r}, not in limits.allowed_sizes")
+        if self.jobs.broker.embedded_dir is None:
+            self.jobs.broker.embedded_dir = default_store_dir(self.app_name) + "-broker"
+        # A job's run is bounded by the request timeout (plus its PNGs and its callback's
+        # retries); a shorter visibility timeout would hand a live job to a second consumer.
+        if self.jobs.broker.visibility_timeout_s < self.ingress.request_timeout_s + 10:
+            raise ValueError("jobs.broker.visibility_timeout_s must exceed "
+                             "ingress.request_timeout_s by 10 s or more")
         return self
 
     @property

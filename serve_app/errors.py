@@ -109,6 +109,20 @@ class Overloaded(ServiceError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class JobsUnavailable(ServiceError):
+    """The job queue (broker) or its key store cannot be reached: nothing was queued."""
+
+    status_code = 503
+    code = "jobs_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class NotReady(ServiceError):
     status_code = 503
     code = "not_ready"

@@ -39,20 +39,16 @@ def is_valid_key(image_id: str, name: str) -> bool:
     return bool(IMAGE_ID.match(image_id)) and bool(IMAGE_NAME.match(name))
 
 
-def _write_local_atomic(path: str, data: bytes, *, exclusive: bool = False) -> None:
+def _write_local_atomic(path: str, data: bytes) -> None:
     """Readers see the old bytes or the new ones, never a partly written file: the data goes
-    to a temporary name in the same directory, then is renamed into place (or, when
-    `exclusive`, hard-linked, which raises FileExistsError if the name exists). A writer
-    killed midway leaves only its temporary file, which TTL cleanup removes."""
+    to a temporary name in the same directory, then is renamed into place. A writer killed
+    midway leaves only its temporary file, which TTL cleanup removes."""
     directory, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-        if exclusive:
-            os.link(tmp, path)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -88,14 +84,14 @@ class ImageStore:
             raise NotFound("image not found")
         return f"{self.root}/{image_id}/{name}"
 
-    def _write(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
+    def _write(self, path: str, data: bytes) -> None:
         """One atomic write. Local disk: temporary file and rename. Object stores: one PUT,
-        which replaces the object whole (with `If-None-Match: *` when exclusive)."""
+        which replaces the object whole."""
         if self._local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            _write_local_atomic(path, data, exclusive=exclusive)
+            _write_local_atomic(path, data)
         else:
-            self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
+            self.fs.pipe_file(path, data, mode="overwrite")
 
     def put(self, image_id: str, name: str, data: bytes) -> None:
         self._write(self._path(image_id, name), data)
@@ -117,16 +113,6 @@ class ImageStore:
         Replaced whole: a concurrent reader gets the old record or the new one."""
         self._write(self._record_path(name), data)
 
-    def create_record(self, name: str, data: bytes) -> bool:
-        """Write only if absent; False when the record exists. Atomic on local disks and on
-        S3 stores that honour `If-None-Match: *` (AWS S3, MinIO); a store that ignores the
-        condition overwrites, as put_record does."""
-        try:
-            self._write(self._record_path(name), data, exclusive=True)
-        except FileExistsError:
-            return False
-        return True
-
     def delete_record(self, name: str) -> None:
         try:
             self.fs.rm(self._record_path(name))
@@ -138,15 +124,6 @@ class ImageStore:
             return self.fs.cat_file(self._record_path(name))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound("record not found") from None
-
-    def list_records(self, prefix: str) -> list[str]:
-        self.fs.invalidate_cache(f"{self.root}/{RECORDS_DIR}")
-        try:
-            paths = self.fs.ls(f"{self.root}/{RECORDS_DIR}", detail=False)
-        except FileNotFoundError:
-            return []
-        names = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in paths]
-        return sorted(n for n in names if n.startswith(prefix) and RECORD_NAME.match(n))
 
     def cleanup(self, ttl_s: float, now: float | None = None) -> int:
         """Delete every id whose newest file is older than ttl_s. Returns ids deleted."""

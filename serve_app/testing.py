@@ -20,10 +20,14 @@ SLOW_PROMPT_S = 3.0
 
 
 class FakeGenerator:
-    def __init__(self, delay_s: float = 0.0, load_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, load_s: float = 0.0,
+                 executions_log: str | None = None) -> None:
         # load_s: how long "loading the model" takes, as a real replica's start-up does.
         time.sleep(load_s)
         self.delay_s = delay_s
+        # executions_log: a file that gets one line per finished call, its progress key
+        # (a job's id): tests count how often each job really ran.
+        self.executions_log = executions_log
         self.info: dict[str, Any] = {
             "model": "fake", "backend": "fake", "dtype": "uint8", "device": "cpu",
             "threads": 1,
@@ -62,6 +66,11 @@ class FakeGenerator:
                     noise = (init_images[index] * keep + noise * item.strength).astype(np.uint8)
                 images.append(noise)
             out.append(images)
+        if self.executions_log:
+            # One write per batch, O_APPEND: whole lines even with several replicas.
+            lines = "".join(f"{item.progress_key or '-'}\n" for item in items)
+            with open(self.executions_log, "a", encoding="utf-8") as log:
+                log.write(lines)
         return out
 
 

@@ -58,6 +58,7 @@ from serve_app.ingress.schemas import (
     error_responses,
 )
 from serve_app.ingress.streaming import StepRecords, generation_events, job_events
+from serve_app.jobs.broker import JobQueue, RedisKeys, keys_url
 from serve_app.jobs.records import Image2ImageJobRequest, JobRequest
 from serve_app.jobs.service import JobService
 from serve_app.metrics import record_error
@@ -136,7 +137,10 @@ _JOB_BODY_SCHEMA = {"requestBody": {"required": True, "content": {"application/j
 class Ingress:
     """Routes only: generation and jobs are plain services (generation.py, jobs/service.py)."""
 
-    def __init__(self, batcher: Any, model: Any, config: dict[str, Any]) -> None:
+    # job_deployments (JobConsumer, EmbeddedBroker) are never called from here: bound in,
+    # they belong to the application (app.py).
+    def __init__(self, batcher: Any, model: Any, config: dict[str, Any],
+                 job_deployments: list[Any] | None = None) -> None:
         self.config = AppConfig.model_validate(config)
         security = self.config.security
         self.tee = check_tee(security.require_tee, security.tee_probe)
@@ -155,9 +159,12 @@ class Ingress:
                                          daemon=True)
         self._cleaner.start()
         self.generation = GenerationService(batcher, self.store, self.config)
-        self.jobs = JobService(self.store, self.config, self.generation.generate)
+        # Jobs are queued on the broker; the JobConsumer deployment runs them.
+        broker = self.config.jobs.broker
+        self.jobs = JobService(self.store, self.config, JobQueue(self.config),
+                               RedisKeys(keys_url(broker), self.config.store.ttl_s,
+                                         broker.queue_name))
         self.openai = OpenAIImagesService(self.generation, self.store, self.config)
-        self._job_scanner = self.jobs.start_scanner()
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
@@ -322,7 +329,7 @@ class Ingress:
 
     @app.post("/api/jobs", status_code=202, openapi_extra=_JOB_BODY_SCHEMA,
               responses={200: {"description": "The job this Idempotency-Key already made."},
-                         **error_responses(401, 413, 422)})
+                         **error_responses(401, 413, 422, 503)})
     async def submit_job(self, request: Request) -> JSONResponse:
         """Queue a generation; poll the status URL, or get a POST at `callbackUrl`."""
         self._authorize(request)

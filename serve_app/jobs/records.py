@@ -1,13 +1,12 @@
 """Async jobs: records kept in the image store, callbacks with retries.
 
 A job's record lives at `<store>/jobs/job-<id>.json`, so it survives an ingress restart and
-any ingress replica can answer for it. A running job refreshes `updatedAt`; a queued or
-running job whose record goes stale (its ingress died) is picked up again by another.
+any ingress replica can answer for it. The job itself travels through the broker
+(serve_app.jobs.broker), which delivers it again if its consumer dies.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -21,7 +20,6 @@ from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
 logger = logging.getLogger("ray.serve")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
-ACTIVE: tuple[str, ...] = ("queued", "running")
 CALLBACK_TIMEOUT_S = 10.0
 
 
@@ -75,16 +73,6 @@ def record_name(job_id: str) -> str:
 def step_record_name(job_id: str, call_index: int) -> str:
     """Where a model replica records the denoising steps done for one call of a job."""
     return f"step-{job_id}-{call_index}"
-
-
-def key_name(idempotency_key: str) -> str:
-    # Hashed: the client's key may be anything, and is not stored in clear.
-    return "key-" + hashlib.sha256(idempotency_key.encode()).hexdigest()
-
-
-def is_stale(record: JobRecord, lease_s: float, now: float | None = None) -> bool:
-    now = time.time() if now is None else now
-    return record.status in ACTIVE and now - record.updatedAt > lease_s
 
 
 def dump(record: JobRecord) -> bytes:

@@ -1,8 +1,10 @@
-"""Async jobs as a plain service: submission (idempotency keys), status, running,
-heartbeats, takeover of stale jobs, callbacks.
+"""Async jobs as plain services: JobService submits (idempotency keys) and reports status
+on the ingress; JobRunner runs one delivered job on the consumer.
 
-No HTTP and no Ray: the ingress's routes call it, and tests drive it with a fake
-generation function and an in-memory store. Records and callbacks themselves are in
+No HTTP and no Ray: the ingress's routes and the consumer's task handler call them, and
+tests drive them with fakes (a list for the queue, a dict for the keys, an in-memory
+store). The broker (serve_app.jobs.broker) gives at-least-once delivery; the runner makes a
+second delivery of a finished job harmless. Records and callbacks are in
 serve_app.jobs.records.
 """
 
@@ -14,22 +16,28 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidRequest, NotFound, Overloaded, ServiceError, error_body
+from serve_app.errors import (
+    InvalidRequest,
+    JobsUnavailable,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    error_body,
+)
 from serve_app.ingress.parsing import steps_per_call
+from serve_app.ingress.schemas import Text2ImageRequest
 from serve_app.jobs.records import (
     JobRecord,
     JobRequest,
     Progress,
     callback_host_allowed,
     dump,
-    is_stale,
-    key_name,
     load,
     lost_record,
     post_callback,
@@ -41,27 +49,22 @@ from serve_app.jobs.records import (
 logger = logging.getLogger("ray.serve")
 
 
-class KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+class JobRetry(Exception):
+    """A run failed and the job has attempts left: the broker delivers it again."""
 
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: dict[str, int] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] = self._users.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key], self._locks[key]
+class JobFailed(Exception):
+    """The job ended `failed`: its message goes to the dead-letter queue."""
 
-    def __len__(self) -> int:
-        return len(self._locks)
+
+class Queue(Protocol):
+    def enqueue(self, job_id: str, base_url: str) -> None: ...
+
+
+class Keys(Protocol):
+    async def claim(self, key: str, job_id: str) -> str | None: ...
+
+    async def release(self, key: str, job_id: str) -> None: ...
 
 
 # The generation behind a job: (body, request_id, seed, base_url, on_call_done, *,
@@ -69,90 +72,13 @@ class KeyedLocks:
 GenerateFn = Callable[..., Awaitable[dict[str, Any]]]
 
 
-class JobService:
-    def __init__(self, store: Any, config: AppConfig, generate: GenerateFn) -> None:
+class RecordStore:
+    """Job records in the image store (shared by the submitting and the running side)."""
+
+    def __init__(self, store: Any) -> None:
         self.store = store
-        self.config = config
-        self._generate = generate
-        self._running_jobs: dict[str, asyncio.Task] = {}
-        self._idempotency_locks = KeyedLocks()
 
-    async def submit(self, body: JobRequest, idempotency_key: str | None,
-                     base_url: str) -> tuple[JobRecord, bool]:
-        """The job's record, and whether it was created now (False: an earlier submission
-        with the same idempotency key made it)."""
-        if body.callbackUrl is not None and not callback_host_allowed(
-                body.callbackUrl.host, self.config.jobs.callback_hosts):
-            raise InvalidRequest("callbackUrl names a host this service may not call "
-                                 "(jobs.callback_hosts)", field="callbackUrl")
-        if not idempotency_key:
-            return await self._create_job(body, None, base_url)
-        # Concurrent retries with one key create one job: serialised here on this replica,
-        # and across replicas by creating the key's record only if it is absent.
-        async with self._idempotency_locks.hold(idempotency_key):
-            existing = await self._job_for_key(idempotency_key)
-            if existing is not None:
-                return existing, False
-            return await self._create_job(body, idempotency_key, base_url)
-
-    async def status(self, job_id: str) -> JobRecord:
-        record = await self._load_job(job_id)
-        if record.status == "running":
-            record.progress.stepsDone = await self._steps_done(record)
-        return record
-
-    def start_scanner(self) -> asyncio.Task:
-        """Jobs whose ingress died (records gone stale) are picked up by a live one."""
-        return asyncio.get_running_loop().create_task(self._scan_jobs_forever())
-
-    async def _create_job(self, body: JobRequest, idempotency_key: str | None,
-                          base: str) -> tuple[JobRecord, bool]:
-        job_id = uuid.uuid4().hex
-        now = time.time()
-        record = JobRecord(
-            id=job_id, createdAt=now, updatedAt=now,
-            # JSON mode: an image-to-image input image is stored as base64.
-            request=body.model_dump(exclude={"callbackUrl"}, mode="json"),
-            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-            progress=Progress(total=body.number * body.batch,
-                              stepsTotal=body.number * steps_per_call(body)),
-            callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,
-            statusUrl=f"{base}/api/jobs/{job_id}",
-        )
-        await self._save_job(record)
-        if idempotency_key and not await asyncio.to_thread(
-                self.store.create_record, key_name(idempotency_key), job_id.encode()):
-            # Another ingress replica claimed the key first; its job record was saved
-            # before its claim, so it can be read now, and ours never runs.
-            existing = await self._job_for_key(idempotency_key)
-            if existing is not None:
-                await asyncio.to_thread(self.store.delete_record, record_name(job_id))
-                return existing, False
-            # The key names a job that is gone (expired): this one takes the key over.
-            await asyncio.to_thread(self.store.put_record, key_name(idempotency_key),
-                                    job_id.encode())
-        self._start_job(record, base)
-        return record, True
-
-    async def _reset_steps(self, record: JobRecord, calls: int) -> None:
-        """A re-run starts its step counts from zero, not from the failed run's."""
-        await asyncio.gather(*(
-            asyncio.to_thread(self.store.put_record, step_record_name(record.id, i), b"0")
-            for i in range(calls)))
-
-    async def _steps_done(self, record: JobRecord) -> int:
-        """Steps the model replicas have reported for a running job (read, not stored)."""
-        calls = record.request.get("number", 1)
-
-        def read(i: int) -> int:
-            try:
-                return int(self.store.get_record(step_record_name(record.id, i)))
-            except (NotFound, ValueError):
-                return 0
-        done = await asyncio.gather(*(asyncio.to_thread(read, i) for i in range(calls)))
-        return min(sum(done), record.progress.stepsTotal)
-
-    async def _load_job(self, job_id: str) -> JobRecord:
+    async def load(self, job_id: str) -> JobRecord:
         try:
             data = await asyncio.to_thread(self.store.get_record, record_name(job_id))
         except NotFound:
@@ -167,105 +93,210 @@ class JobService:
                            len(data))
             return lost_record(job_id)
 
-    async def _save_job(self, record: JobRecord) -> None:
+    async def save(self, record: JobRecord) -> None:
         record.updatedAt = time.time()
         await asyncio.to_thread(self.store.put_record, record_name(record.id), dump(record))
 
-    async def _job_for_key(self, idempotency_key: str) -> JobRecord | None:
+    async def delete(self, job_id: str) -> None:
+        await asyncio.to_thread(self.store.delete_record, record_name(job_id))
+
+    async def steps_done(self, record: JobRecord) -> int:
+        """Steps the model replicas have reported for a running job (read, not stored)."""
+        calls = record.request.get("number", 1)
+
+        def read(i: int) -> int:
+            try:
+                return int(self.store.get_record(step_record_name(record.id, i)))
+            except (NotFound, ValueError):
+                return 0
+        done = await asyncio.gather(*(asyncio.to_thread(read, i) for i in range(calls)))
+        return min(sum(done), record.progress.stepsTotal)
+
+    async def reset_steps(self, record: JobRecord, calls: int) -> None:
+        """A re-run starts its step counts from zero, not from the failed run's."""
+        await asyncio.gather(*(
+            asyncio.to_thread(self.store.put_record, step_record_name(record.id, i), b"0")
+            for i in range(calls)))
+
+
+class JobService:
+    """The ingress side: a job is recorded, its idempotency key claimed, then queued."""
+
+    def __init__(self, store: Any, config: AppConfig, queue: Queue, keys: Keys) -> None:
+        self.records = RecordStore(store)
+        self.config = config
+        self.queue = queue
+        self.keys = keys
+
+    async def submit(self, body: JobRequest, idempotency_key: str | None,
+                     base_url: str) -> tuple[JobRecord, bool]:
+        """The job's record, and whether it was created now (False: an earlier submission
+        with the same idempotency key made it)."""
+        if body.callbackUrl is not None and not callback_host_allowed(
+                body.callbackUrl.host, self.config.jobs.callback_hosts):
+            raise InvalidRequest("callbackUrl names a host this service may not call "
+                                 "(jobs.callback_hosts)", field="callbackUrl")
+        record = self._new_record(body, base_url)
+        # The record is written before the key is claimed: a concurrent submission with the
+        # same key that loses the claim can read the winner's record at once.
+        await self.records.save(record)
+        claimed = False
         try:
-            job_id = await asyncio.to_thread(self.store.get_record, key_name(idempotency_key))
-            return await self._load_job(job_id.decode())
-        except NotFound:
-            return None
+            if idempotency_key:
+                owner = await self._claim(idempotency_key, record.id)
+                if owner is not None:
+                    await self.records.delete(record.id)
+                    return owner, False
+                claimed = True
+            await asyncio.to_thread(self.queue.enqueue, record.id, base_url)
+        except ServiceError:
+            await self.records.delete(record.id)
+            raise
+        except Exception as exc:  # the broker or the key store cannot be reached
+            logger.warning("job %s: could not be queued (%s)", record.id, type(exc).__name__)
+            await self.records.delete(record.id)
+            if claimed and idempotency_key:
+                with contextlib.suppress(Exception):
+                    await self.keys.release(idempotency_key, record.id)
+            raise JobsUnavailable("the job queue is unavailable; submit again later",
+                                  retry_after_s=self.config.ingress.retry_after_s) from None
+        return record, True
 
-    def _start_job(self, record: JobRecord, base_url: str) -> None:
-        if record.id in self._running_jobs:
-            return
-        task = asyncio.get_running_loop().create_task(self._run_job(record, base_url))
-        self._running_jobs[record.id] = task
-        task.add_done_callback(lambda _: self._running_jobs.pop(record.id, None))
+    async def _claim(self, idempotency_key: str, job_id: str) -> JobRecord | None:
+        """None: this job owns the key. Else the job the key's first submission made."""
+        for _ in range(3):
+            owner_id = await self.keys.claim(idempotency_key, job_id)
+            if owner_id is None or owner_id == job_id:
+                return None
+            try:
+                return await self.records.load(owner_id)
+            except NotFound:
+                # The owner's record is gone (expired, or its queueing failed and it is
+                # releasing the key): claim again.
+                await self.keys.release(idempotency_key, owner_id)
+        raise JobsUnavailable("the idempotency key is busy; submit again",
+                              retry_after_s=self.config.ingress.retry_after_s)
 
-    async def _run_job(self, record: JobRecord, base_url: str) -> None:
+    async def status(self, job_id: str) -> JobRecord:
+        record = await self.records.load(job_id)
+        if record.status == "running":
+            record.progress.stepsDone = await self.records.steps_done(record)
+        return record
+
+    @staticmethod
+    def _new_record(body: JobRequest, base: str) -> JobRecord:
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        return JobRecord(
+            id=job_id, createdAt=now, updatedAt=now,
+            # JSON mode: an image-to-image input image is stored as base64.
+            request=body.model_dump(exclude={"callbackUrl"}, mode="json"),
+            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+            progress=Progress(total=body.number * body.batch,
+                              stepsTotal=body.number * steps_per_call(body)),
+            callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,
+            statusUrl=f"{base}/api/jobs/{job_id}",
+        )
+
+
+Outcome = Literal["succeeded", "finished_before", "missing"]
+
+
+class JobRunner:
+    """The consumer side: one delivery of a job. Raises JobRetry (deliver again after a
+    backoff) or JobFailed (final: dead-letter queue); returns when the job succeeded or
+    had already ended (a second delivery of a finished job runs nothing)."""
+
+    def __init__(self, store: Any, config: AppConfig, generate: GenerateFn) -> None:
+        self.records = RecordStore(store)
+        self.config = config
+        self._generate = generate
+
+    async def run(self, job_id: str, base_url: str) -> Outcome:
         cfg = self.config.jobs
+        try:
+            record = await self.records.load(job_id)
+        except NotFound:
+            logger.warning("job %s: delivered, but its record is gone (expired)", job_id)
+            return "missing"
+        if record.status in ("succeeded", "failed"):
+            logger.info("job %s: delivered again after it ended %s", job_id, record.status)
+            if record.callbackUrl and record.callbackDelivered is None:
+                await self._callback(record)  # its consumer died before the callback
+            if record.status == "failed":
+                raise JobFailed(job_id)
+            return "finished_before"
+        if record.attempts >= cfg.max_attempts:
+            # Every run so far was lost with its consumer (none got to record an outcome).
+            return await self._fail(record, {
+                "code": "attempts_exhausted",
+                "message": f"the job's runs were lost {record.attempts} times"})
+        record.status, record.attempts = "running", record.attempts + 1
+        record.progress.done = record.progress.stepsDone = 0
+        record.error = None
+        await self.records.save(record)
         body = request_model(record.request).model_validate(record.request)
+        await self.records.reset_steps(record, body.number)
 
         def progress(images: int) -> None:
             record.progress.done += images
 
-        async def heartbeat(stop: asyncio.Event) -> None:
-            # Stopped by an event, never cancelled: a cancelled task would leave its write
-            # running in a thread, and that stale "running" record could land after the
-            # final one and get the finished job taken over and run again.
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
-                except asyncio.TimeoutError:
-                    await self._save_job(record)
+        try:
+            record.result = await self._generate_waiting_for_capacity(record, body, base_url,
+                                                                      progress)
+        except ServiceError as err:
+            if record.attempts >= cfg.max_attempts or isinstance(err, InvalidRequest):
+                return await self._fail(record, error_body(err)["error"])
+            record.status, record.error = "queued", error_body(err)["error"]
+            await self.records.save(record)
+            logger.warning("job %s: run %d failed (%s); the broker delivers it again",
+                           record.id, record.attempts, err.code)
+            raise JobRetry(job_id) from None
+        except Exception:
+            logger.exception("job %s: unexpected error", record.id)
+            return await self._fail(record, {"code": "internal_error",
+                                             "message": "internal error",
+                                             "requestId": record.id})
+        record.status = "succeeded"
+        record.progress.stepsDone = record.progress.stepsTotal
+        await self.records.save(record)
+        logger.info("job %s succeeded after %d run(s)", record.id, record.attempts)
+        if record.callbackUrl:
+            await self._callback(record)
+        return "succeeded"
 
-        while record.status in ("queued", "running"):
-            record.status, record.attempts = "running", record.attempts + 1
-            record.progress.done = record.progress.stepsDone = 0
-            await self._save_job(record)
-            await self._reset_steps(record, body.number)
-            stop_beat = asyncio.Event()
-            beat = asyncio.get_running_loop().create_task(heartbeat(stop_beat))
+    async def _generate_waiting_for_capacity(self, record: JobRecord, body: Text2ImageRequest,
+                                             base_url: str,
+                                             progress: Callable[[int], None]) -> dict[str, Any]:
+        # Waiting longer in one delivery would outlast the broker's visibility timeout, and
+        # the job would be handed to a second consumer while this one still holds it.
+        deadline = time.monotonic() + self.config.jobs.broker.visibility_timeout_s / 2
+        while True:
             try:
                 # Job calls wait behind interactive ones in the batching deployment.
-                record.result = await self._generate(body, record.id, record.seed, base_url,
-                                                     progress, progress_key=record.id,
-                                                     priority="job")
-                record.status = "succeeded"
-                record.progress.stepsDone = record.progress.stepsTotal
+                return await self._generate(body, record.id, record.seed, base_url, progress,
+                                            progress_key=record.id, priority="job")
             except Overloaded as err:
-                # A job waits for capacity instead of failing; this run doesn't count.
-                record.status, record.attempts = "queued", record.attempts - 1
+                # A full batching queue makes a job wait, not fail; no attempt is spent.
+                record.progress.done = 0
+                if time.monotonic() + err.retry_after_s > deadline:
+                    record.status, record.attempts = "queued", record.attempts - 1
+                    await self.records.save(record)
+                    raise JobRetry(record.id) from None
                 await asyncio.sleep(err.retry_after_s)
-            except ServiceError as err:
-                if record.attempts >= cfg.max_attempts or isinstance(err, InvalidRequest):
-                    record.status, record.error = "failed", error_body(err)["error"]
-                else:
-                    record.status = "queued"
-                    logger.warning("job %s: run %d failed (%s), running it again", record.id,
-                                   record.attempts, err.code)
-            except Exception:
-                logger.exception("job %s: unexpected error", record.id)
-                record.status = "failed"
-                record.error = {"code": "internal_error", "message": "internal error",
-                                "requestId": record.id}
-            finally:
-                stop_beat.set()
-                await beat
-            await self._save_job(record)
-        logger.info("job %s %s after %d run(s)", record.id, record.status, record.attempts)
+
+    async def _fail(self, record: JobRecord, error: dict[str, Any]) -> Outcome:
+        record.status, record.error = "failed", error
+        await self.records.save(record)
+        logger.info("job %s failed after %d run(s): %s", record.id, record.attempts,
+                    error["code"])
         if record.callbackUrl:
-            record.callbackDelivered = await asyncio.to_thread(
-                post_callback, record.callbackUrl, record.public(), cfg.callback_attempts,
-                cfg.callback_backoff_s)
-            await self._save_job(record)
+            await self._callback(record)
+        raise JobFailed(record.id)
 
-    async def _scan_jobs_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.jobs.scan_interval_s)
-            try:
-                await self._resume_stale_jobs()
-            except Exception:
-                logger.exception("job scan failed; retrying next interval")
-
-    async def _resume_stale_jobs(self) -> int:
-        resumed = 0
-        names = await asyncio.to_thread(self.store.list_records, "job-")
-        for name in names:
-            job_id = name.removeprefix("job-")
-            if job_id in self._running_jobs:
-                continue
-            try:
-                record = await self._load_job(job_id)
-            except (NotFound, ValidationError):
-                continue
-            if is_stale(record, self.config.jobs.lease_s):
-                logger.info("job %s: its ingress stopped refreshing it; resuming", job_id)
-                base = (record.statusUrl or "").rsplit("/api/jobs/", 1)[0]
-                self._start_job(record, base)
-                resumed += 1
-        return resumed
-
+    async def _callback(self, record: JobRecord) -> None:
+        cfg = self.config.jobs
+        record.callbackDelivered = await asyncio.to_thread(
+            post_callback, record.callbackUrl or "", record.public(), cfg.callback_attempts,
+            cfg.callback_backoff_s)
+        await self.records.save(record)

@@ -5,11 +5,16 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from serve_app.jobs.redis_server import RedisProcess
 
 REFERENCE_PROMPT = "A panda listening to music with headphones. highly detailed, 8k."
 API_KEYS_ENV = "SDXL_TEST_API_KEYS"
@@ -23,7 +28,34 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_url():
+def redis_server(tmp_path_factory) -> Iterator["RedisProcess"]:
+    """A real redis-server on loopback for the session's job broker (append-only file on:
+    a restart loses nothing acknowledged); stopped at teardown."""
+    from serve_app.jobs.redis_server import RedisProcess
+
+    server = RedisProcess(free_port(), str(tmp_path_factory.mktemp("redis")),
+                          owned_by_parent=False,
+                          prefer_system=True)
+    server.start()
+    TEST_BROKER["url"] = server.url
+    yield server
+    server.stop()
+
+
+# The session's Redis URL: every application a test deploys queues its jobs there, each on
+# a queue of its own.
+TEST_BROKER: dict[str, str] = {}
+
+
+def with_test_broker(args: dict) -> dict:
+    jobs = dict(args.get("jobs", {}))
+    broker = {"url": TEST_BROKER["url"], "queue_name": f"jobs-{uuid.uuid4().hex[:12]}",
+              **jobs.get("broker", {})}
+    return {**args, "jobs": {**jobs, "broker": broker}}
+
+
+@pytest.fixture(scope="session")
+def serve_url(redis_server):
     import ray
     from ray import serve
 
@@ -46,6 +78,7 @@ def deploy(name: str, route_prefix: str, args: dict, *, blocking: bool = True) -
 
     from serve_app.app import build_app
 
+    args = with_test_broker(args)
     if blocking:
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
     else:

@@ -44,8 +44,10 @@ def occupy(pool, url, batcher, body, **kwargs):
 
 
 def test_a_waiting_interactive_call_goes_before_an_earlier_job_call(app):
+    # A consumer replica is up (not scaled from zero), so the job's call reaches the
+    # batcher while "first" runs.
     url = app("prio", model={"generator_options": {"delay_s": 1.5}},
-              batching={"max_batch_size": 1})
+              batching={"max_batch_size": 1}, jobs={"consumer": {"min_replicas": 1}})
     batcher, model = handles("prio")
     with ThreadPoolExecutor(2) as pool:
         first = occupy(pool, url, batcher, {"prompt": "first", "step": 1})

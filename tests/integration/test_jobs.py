@@ -1,4 +1,5 @@
-"""Async jobs: 202 + status URL, durable records, callbacks, idempotency, replica loss."""
+"""Async jobs through a real Redis broker: 202 + status URL, durable records, callbacks,
+idempotency across ingress replicas, the dead-letter queue, replica loss."""
 
 import json
 import threading
@@ -10,20 +11,34 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.jobs.records import JobRecord, Progress, dump, record_name
-from serve_app.store import ImageStore
 from tests.integration.conftest import deployed_app, fake_args, free_port
 from tests.integration.test_load_and_faults import replica_actor_names
 
-FAST_JOBS = {"lease_s": 2.0, "heartbeat_s": 0.5, "scan_interval_s": 0.5,
-             "callback_backoff_s": 0.1, "callback_hosts": ["127.0.0.1"]}
+# A consumer replica stays up (scaling from zero has its own test); a job whose consumer
+# died is delivered again after 30 s (its runs end within the 20 s request timeout).
+FAST_JOBS = {"callback_backoff_s": 0.1, "callback_hosts": ["127.0.0.1"],
+             "consumer": {"min_replicas": 1}, "broker": {"visibility_timeout_s": 30.0}}
+FAST_INGRESS = {"request_timeout_s": 20.0}
+QUEUE = "jobs-module-queue"
+
+
+def redis_client():
+    import redis
+
+    from tests.integration.conftest import TEST_BROKER
+
+    return redis.Redis.from_url(TEST_BROKER["url"])
 
 
 @pytest.fixture(scope="module")
 def jobs_app(serve_url, tmp_path_factory):
     store = tmp_path_factory.mktemp("jobs-store")
+    # Two ingress replicas: idempotency keys must hold across them.
     with deployed_app(serve_url, "jobs", fake_args(
-            store, model={"generator_options": {"delay_s": 0.2}}, jobs=FAST_JOBS)) as url:
+            store, model={"generator_options": {"delay_s": 0.2}},
+            ingress={**FAST_INGRESS, "num_replicas": 2},
+            jobs={**FAST_JOBS, "broker": {**FAST_JOBS["broker"], "queue_name": QUEUE}},
+    )) as url:
         yield url, store
 
 
@@ -77,13 +92,18 @@ def test_job_errors(jobs_app):
     assert httpx.get(f"{url}/api/jobs/..%2F..%2Fetc").status_code == 404
 
 
-def test_failed_job_reports_the_error(jobs_app):
+def test_failed_job_reports_the_error_and_goes_to_the_dead_letter_queue(jobs_app):
     url, _ = jobs_app
+    dead_letters = redis_client().llen(f"{QUEUE}-failed")
     record = wait_done(submit(url, {"prompt": "__fail__"}).json()["statusUrl"])
     assert record["status"] == "failed"
     assert record["attempts"] == 3  # jobs.max_attempts
     assert record["error"]["code"] == "generation_failed"
     assert "internal detail" not in json.dumps(record)
+    deadline = time.monotonic() + 10
+    while redis_client().llen(f"{QUEUE}-failed") != dead_letters + 1:
+        assert time.monotonic() < deadline, "the failed job never reached the DLQ"
+        time.sleep(0.1)
 
 
 def test_idempotency_key_returns_the_same_job(jobs_app):
@@ -149,22 +169,6 @@ def test_callback_is_retried_until_delivered(jobs_app):
         server.shutdown()
 
 
-def test_a_job_whose_ingress_died_is_resumed(jobs_app):
-    """A record left 'running' by a dead ingress (stale updatedAt) is run again."""
-    url, store_dir = jobs_app
-    job_id = uuid.uuid4().hex
-    stale = time.time() - 600
-    record = JobRecord(id=job_id, status="running", createdAt=stale, updatedAt=stale,
-                       request={"prompt": "orphan", "number": 1, "size": "512x512",
-                                "step": 1, "batch": 1, "seed": 9},
-                       seed=9, progress=Progress(done=0, total=1), attempts=1,
-                       statusUrl=f"{url}/api/jobs/{job_id}")
-    ImageStore(str(store_dir)).put_record(record_name(job_id), dump(record))
-    done = wait_done(f"{url}/api/jobs/{job_id}", timeout_s=30)
-    assert (done["status"], done["attempts"]) == ("succeeded", 2)
-    assert httpx.get(done["result"]["output"][0]["url"]).status_code == 200
-
-
 def replica_lost_lines(app: str) -> list[str]:
     """Lines of this application's Serve replica logs that report a model replica lost
     with calls in flight (and those calls sent again)."""
@@ -184,7 +188,9 @@ def test_jobs_survive_a_replica_killed_under_async_load(deployed, tmp_path):
 
     # 3 steps of 2 s per batch: once a step is reported, the batch runs 2-4 s more.
     url = deployed("jobs-chaos", fake_args(
-        tmp_path, model={"generator_options": {"delay_s": 6.0}}, jobs=FAST_JOBS))
+        tmp_path, model={"generator_options": {"delay_s": 6.0}},
+        jobs={**FAST_JOBS, "broker": {"visibility_timeout_s": 90.0}},
+        ingress={"request_timeout_s": 60.0}))
     [victim] = replica_actor_names("jobs-chaos", "Text2ImageModel")
     jobs = [submit(url, {"prompt": f"job {i}", "seed": i, "step": 3}).json() for i in range(12)]
     deadline = time.monotonic() + 60
@@ -217,7 +223,8 @@ def test_jobs_survive_a_replica_killed_under_async_load(deployed, tmp_path):
 
 def test_running_jobs_report_denoising_steps(deployed, tmp_path):
     url = deployed("jobs-steps", fake_args(
-        tmp_path, model={"generator_options": {"delay_s": 2.0}}, jobs=FAST_JOBS))
+        tmp_path, model={"generator_options": {"delay_s": 2.0}}, jobs=FAST_JOBS,
+        ingress=FAST_INGRESS))
     job = submit(url, {"prompt": "slow steps", "number": 2, "step": 4}).json()
     assert job["progress"] == {"done": 0, "total": 2, "stepsDone": 0, "stepsTotal": 8}
     seen = []
@@ -235,7 +242,7 @@ def test_running_jobs_report_denoising_steps(deployed, tmp_path):
 
 
 def test_polling_running_jobs_from_many_threads_never_gets_a_500(jobs_app):
-    """Records are replaced whole: status polls racing the job's own writes (heartbeats,
+    """Records are replaced whole: status polls racing the job's own writes (status,
     progress) always read a complete record. Polling 4 running jobs from 4 threads once
     gave 1 x 500 in about 2000 polls."""
     from concurrent.futures import ThreadPoolExecutor

@@ -52,7 +52,7 @@ def referenced_secrets() -> set[str]:
 def test_every_secret_the_manifests_name_is_created_in_the_readme() -> None:
     names = referenced_secrets()
     assert names == {"sdxl-turbo-ray-token", "sdxl-turbo-oss-images", "sdxl-turbo-redis",
-                     "sdxl-turbo-registry"}
+                     "sdxl-turbo-jobs-redis", "sdxl-turbo-registry"}
     text = KUBERAY_README.read_text()
     created = set(re.findall(
         r"kubectl create secret (?:generic|docker-registry) (sdxl-turbo-[a-z-]+)", text))

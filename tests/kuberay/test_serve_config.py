@@ -250,3 +250,52 @@ def test_overlays_differ_from_base_only_where_intended() -> None:
             template["spec"].pop("tolerations", None)
         service["spec"]["serveConfigV2"] = base["spec"]["serveConfigV2"]
         assert service == base
+
+
+# --- async jobs -----------------------------------------------------------------------------
+
+def _env(container: dict) -> dict[str, dict]:
+    return {var["name"]: var for var in container.get("env", [])}
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_jobs_use_the_external_redis_from_a_secret_where_it_is_read(name: str) -> None:
+    """The broker URL (with its password) is never in the config: jobs.broker.url_env
+    names a variable that the head (the Serve controller's queue-length policy) and the
+    ingress pods (ingress and JobConsumer replicas) get from the Secret; the model pods,
+    which never talk to the broker, don't."""
+    service = rayservice(name)
+    broker = AppConfig.model_validate(app_args(service)).jobs.broker
+    assert (broker.url_env, broker.queue_name) == ("JOBS_BROKER_URL", "sdxl-jobs")
+    assert "redis://" not in json.dumps(app_args(service))
+    wanted = {"valueFrom": {"secretKeyRef": {"name": "sdxl-turbo-jobs-redis", "key": "url"}},
+              "name": "JOBS_BROKER_URL"}
+    cluster = service["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert _env(head)["JOBS_BROKER_URL"] == wanted
+    ingress = worker_group(service, "ingress")["template"]["spec"]["containers"][0]
+    assert _env(ingress)["JOBS_BROKER_URL"] == wanted
+    model = worker_group(service, "model")["template"]["spec"]["containers"][0]
+    assert "JOBS_BROKER_URL" not in _env(model)
+
+
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_job_consumers_scale_to_zero_on_ingress_pods_and_fit_there(name: str) -> None:
+    from serve_app.app import consumer_deployment_options
+
+    service = rayservice(name)
+    config = AppConfig.model_validate(app_args(service))
+    options = consumer_deployment_options(config)
+    auto = options["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"]) == (0, 4)
+    assert auto["policy"]["policy_function"] == "serve_app.jobs.broker:QueueDepthPolicy"
+    # On ingress pods (their Ray resource), never on a model pod.
+    assert options["ray_actor_options"]["resources"] == {"ingress": 1}
+    ingress = worker_group(service, "ingress")
+    per_pod = int(ingress["rayStartParams"]["num-cpus"])
+    busiest = (config.ingress.num_replicas * config.ingress.num_cpus
+               + config.batcher.num_replicas * config.batcher.num_cpus
+               + auto["max_replicas"] * options["ray_actor_options"]["num_cpus"])
+    assert busiest <= ingress["maxReplicas"] * per_pod
+    # A job never outlives its delivery's visibility timeout (it would run twice).
+    assert config.jobs.broker.visibility_timeout_s >= config.ingress.request_timeout_s + 10

@@ -26,6 +26,22 @@ def test_defaults_are_the_local_quick_start():
     assert config.batching.max_batch_size == 4
     # A model replica takes one batch at a time: calls wait, and batch, in the batcher.
     assert config.replica.max_ongoing_requests == 1
+    # Jobs: the application's own redis-server; no consumer replica until a job comes.
+    assert (config.jobs.broker.url, config.jobs.broker.embedded_port) == ("embedded", 6390)
+    assert config.jobs.consumer.min_replicas == 0
+
+
+def test_the_quick_start_config_serves_jobs_on_the_embedded_broker():
+    import yaml
+
+    from serve_app.app import build_app
+
+    local = yaml.safe_load((CONFIGS[0].parent / "local.yaml").read_text())
+    args = local["applications"][0]["args"]
+    assert AppConfig.model_validate(args).jobs.broker.url == "embedded"
+    ingress = build_app(args)._bound_deployment
+    bound = ingress.init_kwargs["job_deployments"]
+    assert [app._bound_deployment.name for app in bound] == ["JobConsumer", "EmbeddedBroker"]
 
 
 def test_unknown_keys_are_rejected():

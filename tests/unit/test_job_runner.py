@@ -1,100 +1,136 @@
-"""The job runner's record writes, with a store whose writes are slow and out of order."""
+"""JobRunner, one delivery of a job on the consumer: outcomes, attempts, redeliveries.
+
+Rewritten with issue 12: the heartbeat and stale-job takeover it tested are gone (the
+broker redelivers a job whose consumer died); what a delivery does is tested instead."""
 
 import asyncio
-import json
-import threading
-import time
+import uuid
+
+import pytest
 
 from serve_app.config import AppConfig
-from serve_app.jobs.records import JobRecord, Progress, record_name
-from serve_app.jobs.service import JobService
+from serve_app.errors import GenerationFailed, Overloaded
+from serve_app.jobs.records import JobRecord, Progress, dump, load, record_name
+from serve_app.jobs.service import JobFailed, JobRetry, JobRunner
+from serve_app.store import ImageStore
 
 
-class SlowStore:
-    """Writes of a 'running' record take long; others are quick: a late heartbeat write
-    would land after the final one if the runner did not wait for it."""
+class ScriptedGenerate:
+    """The generation service as the runner calls it; `script` says what successive runs
+    do: "ok", "fail" (a generation error) or "overloaded"."""
 
-    def __init__(self):
-        self.records: dict[str, bytes] = {}
-        self.lock = threading.Lock()
+    def __init__(self, script: list[str]) -> None:
+        self.script = list(script)
+        self.runs: list[tuple[str, str]] = []
 
-    def put_record(self, name, data):
-        if name.startswith("job-") and json.loads(data)["status"] == "running":
-            time.sleep(0.3)
-        with self.lock:
-            self.records[name] = data
-
-    def get_record(self, name):
-        return self.records[name]
-
-
-async def slow_generate(body, request_id, seed, base_url, on_call_done=None,
-                        progress_key=None, priority="interactive"):
-    # Job calls wait behind interactive ones in the batching deployment.
-    assert (progress_key, priority) == (request_id, "job")
-    await asyncio.sleep(0.5)  # a heartbeat write (0.40 s to 0.70 s) is in flight at the end
-    on_call_done(1)
-    return {"id": request_id, "output": []}
+    async def __call__(self, body, request_id, seed, base_url, on_call_done=None,
+                       progress_key=None, priority="interactive"):
+        self.runs.append((progress_key, priority))
+        action = self.script.pop(0) if self.script else "ok"
+        if action == "fail":
+            raise GenerationFailed("image generation failed", request_id=request_id)
+        if action == "overloaded":
+            raise Overloaded("full", retry_after_s=0)
+        on_call_done(1)
+        return {"id": request_id, "output": [{"url": "u"}]}
 
 
-def Runner() -> JobService:  # noqa: N802 - reads as the class it makes
-    return JobService(SlowStore(), AppConfig.model_validate(
-        {"jobs": {"heartbeat_s": 0.05, "lease_s": 5.0}}), slow_generate)
-
-
-def test_the_final_record_is_the_last_write():
-    runner = Runner()
-    now = time.time()
-    record = JobRecord(id="a" * 32, createdAt=now, updatedAt=now,
-                       request={"prompt": "p", "number": 1, "size": "512x512", "step": 1,
+def setup(script, **jobs):
+    store = ImageStore(f"memory://{uuid.uuid4().hex}/sd")
+    generate = ScriptedGenerate(script)
+    config = AppConfig.model_validate({"jobs": {"max_attempts": 3, **jobs}})
+    runner = JobRunner(store, config, generate)
+    job_id = uuid.uuid4().hex
+    record = JobRecord(id=job_id, createdAt=1.0, updatedAt=1.0,
+                       request={"prompt": "p", "number": 1, "size": "512x512", "step": 2,
                                 "batch": 1, "seed": 1},
-                       seed=1, progress=Progress(total=1, stepsTotal=1))
-
-    async def run():
-        await runner._run_job(record, "http://test")
-        await asyncio.sleep(0.6)  # any stray write still in a thread lands by now
-
-    asyncio.run(run())
-    stored = json.loads(runner.store.records[record_name("a" * 32)])
-    assert (stored["status"], stored["attempts"]) == ("succeeded", 1)
-    assert stored["progress"] == {"done": 1, "total": 1, "stepsDone": 1, "stepsTotal": 1}
+                       seed=1, progress=Progress(total=1, stepsTotal=2))
+    store.put_record(record_name(job_id), dump(record))
+    return runner, store, generate, job_id
 
 
-def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
-    from serve_app.jobs.service import KeyedLocks
-
-    locks = KeyedLocks()
-    events: list[str] = []
-
-    async def worker(key: str, name: str) -> None:
-        async with locks.hold(key):
-            events.append(f"{name} in")
-            await asyncio.sleep(0.01)
-            events.append(f"{name} out")
-
-    async def main() -> int:
-        await asyncio.gather(worker("k", "a"), worker("k", "b"), worker("other", "c"))
-        return len(locks)
-
-    assert asyncio.run(main()) == 0  # no lock left behind
-    # a and b never overlap; c (another key) runs beside a.
-    assert events == ["a in", "c in", "a out", "c out", "b in", "b out"]
+def stored(store, job_id) -> JobRecord:
+    return load(store.get_record(record_name(job_id)))
 
 
-def test_a_damaged_record_reads_as_a_failed_job_and_is_never_resumed(tmp_path):
+def test_a_delivery_runs_the_job_at_job_priority_and_records_success():
+    runner, store, generate, job_id = setup(["ok"])
+    assert asyncio.run(runner.run(job_id, "http://h")) == "succeeded"
+    record = stored(store, job_id)
+    assert (record.status, record.attempts, record.error) == ("succeeded", 1, None)
+    assert record.progress.model_dump() == {"done": 1, "total": 1, "stepsDone": 2,
+                                            "stepsTotal": 2}
+    assert record.result == {"id": job_id, "output": [{"url": "u"}]}
+    assert generate.runs == [(job_id, "job")]
+
+
+def test_a_second_delivery_of_a_finished_job_runs_nothing():
+    runner, store, generate, job_id = setup(["ok"])
+    asyncio.run(runner.run(job_id, "http://h"))
+    assert asyncio.run(runner.run(job_id, "http://h")) == "finished_before"
+    assert len(generate.runs) == 1
+    assert stored(store, job_id).attempts == 1
+
+
+def test_failed_runs_are_retried_by_the_broker_then_end_failed():
+    runner, store, generate, job_id = setup(["fail", "fail", "fail"])
+    for attempt in (1, 2):
+        with pytest.raises(JobRetry):
+            asyncio.run(runner.run(job_id, "http://h"))
+        record = stored(store, job_id)
+        assert (record.status, record.attempts, record.error["code"]) == (
+            "queued", attempt, "generation_failed")
+    with pytest.raises(JobFailed):  # final: the message goes to the dead-letter queue
+        asyncio.run(runner.run(job_id, "http://h"))
+    record = stored(store, job_id)
+    assert (record.status, record.attempts, record.error["code"]) == (
+        "failed", 3, "generation_failed")
+    # A failed job delivered again stays failed, and runs nothing.
+    with pytest.raises(JobFailed):
+        asyncio.run(runner.run(job_id, "http://h"))
+    assert len(generate.runs) == 3
+
+
+def test_runs_lost_with_their_consumer_count_as_attempts():
+    """A consumer killed mid-run records no outcome: its record says running, attempts 3.
+    The next delivery ends the job instead of running it a fourth time."""
+    runner, store, generate, job_id = setup(["ok"])
+    record = stored(store, job_id)
+    record.status, record.attempts = "running", 3
+    store.put_record(record_name(job_id), dump(record))
+    with pytest.raises(JobFailed):
+        asyncio.run(runner.run(job_id, "http://h"))
+    record = stored(store, job_id)
+    assert (record.status, record.error["code"]) == ("failed", "attempts_exhausted")
+    assert generate.runs == []
+
+
+def test_a_full_batching_queue_makes_the_job_wait_without_spending_an_attempt():
+    runner, store, generate, job_id = setup(["overloaded", "overloaded", "ok"])
+    assert asyncio.run(runner.run(job_id, "http://h")) == "succeeded"
+    assert (stored(store, job_id).attempts, len(generate.runs)) == (1, 3)
+
+
+def test_a_delivery_whose_record_expired_is_dropped():
+    runner, store, generate, _ = setup(["ok"])
+    assert asyncio.run(runner.run(uuid.uuid4().hex, "http://h")) == "missing"
+    assert generate.runs == []
+
+
+def test_a_damaged_record_reads_as_a_failed_job_and_is_never_run(tmp_path):
     """An empty or truncated record (left by a writer killed mid-write on a store without
-    atomic replace) answers as a failed job with a clear error, not a 500 on every poll,
-    and the stale-job scan skips it instead of running a request it cannot read."""
-    from serve_app.store import ImageStore
-
-    runner = Runner()
-    runner.store = ImageStore(str(tmp_path))
+    atomic replace) answers as a failed job with a clear error, and a delivery of it runs
+    nothing."""
+    runner, _, generate, _ = setup(["ok"])
+    store = ImageStore(str(tmp_path))
+    runner.records.store = store
     for job_id, data in (("b" * 32, b""), ("c" * 32, b'{"id": "ccc", "status": "runn')):
-        runner.store.put_record(record_name(job_id), data)
-        record = asyncio.run(runner._load_job(job_id))
+        store.put_record(record_name(job_id), data)
+        record = asyncio.run(runner.records.load(job_id))
         assert (record.id, record.status, record.error["code"]) == (job_id, "failed",
                                                                      "job_lost")
         assert record.error["message"] == ("the job's record was damaged and it cannot run "
                                            "again; submit it again")
-    assert asyncio.run(runner._resume_stale_jobs()) == 0
-    assert runner._running_jobs == {}
+        with pytest.raises(JobFailed):
+            asyncio.run(runner.run(job_id, "http://h"))
+    assert generate.runs == []

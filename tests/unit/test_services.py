@@ -101,10 +101,46 @@ def test_a_pipeline_error_is_a_500_with_the_request_id():
     assert (info.value.status_code, info.value.request_id) == (500, "d" * 32)
 
 
+class ListQueue:
+    """The broker as the ingress sees it: enqueue, or fail as an unreachable one does."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.jobs: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def enqueue(self, job_id: str, base_url: str) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.jobs.append((job_id, base_url))
+
+
+class DictKeys:
+    """Idempotency keys with Redis SET NX's contract (atomic: no await between the check
+    and the set)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}
+
+    async def claim(self, key: str, job_id: str) -> str | None:
+        await asyncio.sleep(0)  # let concurrent submissions interleave up to here
+        owner = self.keys.setdefault(key, job_id)
+        return None if owner == job_id else owner
+
+    async def release(self, key: str, job_id: str) -> None:
+        if self.keys.get(key) == job_id:
+            del self.keys[key]
+
+
 def test_concurrent_submissions_with_one_key_make_one_job_that_runs_as_job_priority():
+    """Changed with issue 12: the job is queued on the broker and run by JobRunner (the
+    consumer), no longer started by the submitting ingress."""
+    from serve_app.jobs.service import JobRunner
+
     batcher = FakeBatcher(delay_s=0.05)
-    gen = service(batcher, jobs={"heartbeat_s": 0.05})
-    jobs = JobService(gen.store, gen.config, gen.generate)
+    gen = service(batcher)
+    queue, keys = ListQueue(), DictKeys()
+    jobs = JobService(gen.store, gen.config, queue, keys)
+    runner = JobRunner(gen.store, gen.config, gen.generate)
     body = JobRequest.model_validate({"prompt": "p", "number": 2, "step": 1})
 
     async def main():
@@ -113,14 +149,51 @@ def test_concurrent_submissions_with_one_key_make_one_job_that_runs_as_job_prior
         ids = {record.id for record, _ in results}
         created = [created for _, created in results]
         (job_id,) = ids
-        while (record := await jobs.status(job_id)).status not in ("succeeded", "failed"):
-            await asyncio.sleep(0.02)
-        return created, record
+        assert queue.jobs == [(job_id, "http://h")]
+        assert (await jobs.status(job_id)).status == "queued"
+        outcome = await runner.run(*queue.jobs[0])
+        return created, outcome, await jobs.status(job_id)
 
-    created, record = asyncio.run(main())
+    created, outcome, record = asyncio.run(main())
     assert created.count(True) == 1 and created.count(False) == 7
+    assert outcome == "succeeded"
     assert (record.status, record.attempts) == ("succeeded", 1)
     assert record.progress.model_dump() == {"done": 2, "total": 2, "stepsDone": 2,
                                             "stepsTotal": 2}
     assert [c.priority for c in batcher.calls] == ["job", "job"]
     assert record.result is not None and len(record.result["output"]) == 2
+    # Only the winning submission's record is left in the store.
+    names = [p.rsplit("/", 1)[1] for p in gen.store.fs.ls(f"{gen.store.root}/jobs",
+                                                          detail=False)]
+    assert [n for n in names if n.startswith("job-")] == [f"job-{record.id}.json"]
+
+
+def test_a_job_the_broker_cannot_take_is_503_and_leaves_nothing_behind():
+    from serve_app.errors import JobsUnavailable
+
+    gen = service(FakeBatcher(), ingress={"retry_after_s": 7})
+    keys = DictKeys()
+    jobs = JobService(gen.store, gen.config, ListQueue(fail=True), keys)
+    body = JobRequest.model_validate({"prompt": "p"})
+    with pytest.raises(JobsUnavailable) as info:
+        asyncio.run(jobs.submit(body, "order-2", "http://h"))
+    assert (info.value.status_code, info.value.code, info.value.headers()) == (
+        503, "jobs_unavailable", {"Retry-After": "7"})
+    assert keys.keys == {}  # the key is free for the client's retry
+    assert gen.store.fs.find(gen.store.root) == []
+
+
+def test_a_key_store_that_cannot_be_reached_is_503_too():
+    from serve_app.errors import JobsUnavailable
+
+    class DownKeys(DictKeys):
+        async def claim(self, key: str, job_id: str) -> str | None:
+            raise ConnectionError("redis down")
+
+    gen = service(FakeBatcher())
+    queue = ListQueue()
+    jobs = JobService(gen.store, gen.config, queue, DownKeys())
+    with pytest.raises(JobsUnavailable):
+        asyncio.run(jobs.submit(JobRequest.model_validate({"prompt": "p"}), "k", "http://h"))
+    assert queue.jobs == []
+    assert gen.store.fs.find(gen.store.root) == []
