@@ -237,6 +237,10 @@ class Ingress:
     async def text2image(self, request: Request) -> JSONResponse:
         self._authorize(request)
         body = parse_request(await self._read_body(request), self.config)
+        return await self._generate_response(body, request)
+
+    async def _generate_response(self, body: Text2ImageRequest,
+                                 request: Request) -> JSONResponse:
         request_id = uuid.uuid4().hex
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         timings: dict[str, float] = {}
@@ -272,13 +276,7 @@ class Ingress:
         """Image-to-image: the text-to-image fields plus `image` and `strength`. The input
         image is fitted to `size` (scaled to cover it, centre-cropped) and never stored."""
         self._authorize(request)
-        body = await self._image_request(request)
-        request_id = uuid.uuid4().hex
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        timings: dict[str, float] = {}
-        response = await self.generation.generate(body, request_id, seed,
-                                                  self._base_url(request), timings=timings)
-        return JSONResponse(response, headers={"Server-Timing": server_timing(timings)})
+        return await self._generate_response(await self._image_request(request), request)
 
     @app.post("/api/text2image/stream", response_class=StreamingResponse,
               openapi_extra=_REQUEST_BODY_SCHEMA,
