@@ -164,14 +164,15 @@ def test_ipex_backend_leaves_weights_to_ipex(tiny_model_dir, auto_dtype):
 
 def test_replica_loader_picks_the_dtype_by_cpu_and_warns_on_emulated_bf16(
         tiny_model_dir, monkeypatch, caplog):
-    """load_generator, as a replica runs it, on a CPU capped to AVX2: `auto` gives float32
-    with every lever; an explicit bfloat16 starts, warns once, and reports what it skipped."""
+    """load_generator on the torch backend, as a replica runs it, on a CPU capped to AVX2:
+    dtype `auto` gives float32 with every lever; an explicit bfloat16 starts, warns once, and
+    reports what it skipped. (backend `auto` runs OpenVINO on avx2: test_openvino.py.)"""
     from serve_app.config import AppConfig
     from serve_app.model.pipeline import load_generator
 
     avx2 = cpu.detect(env={cpu.CPU_CLASS_ENV: "avx2"})
     monkeypatch.setattr(cpu, "host", lambda: avx2)
-    base = {"model": {"source": str(tiny_model_dir), "warmup_sizes": []},
+    base = {"model": {"source": str(tiny_model_dir), "warmup_sizes": [], "backend": "torch"},
             "replica": {"num_cpus": 1}}
     auto = load_generator(AppConfig.model_validate(base)).info
     assert (auto["dtype"], auto["cpu"], auto["warnings"]) == (
