@@ -133,20 +133,13 @@ def device_and_dtype(num_gpus: float, requested: str,
     return device, cpu.choose_dtype(requested, device, cpu.host() if caps is None else caps)
 
 
-def _try_openvino(config: AppConfig, backend: BackendChoice) -> DiffusersGenerator | str:
-    """`auto` chose OpenVINO: its generator, or the one-line warning that the replica falls
-    back to torch with (an export that ran out of memory, a cache it cannot write, sizes
-    its IR cannot run). An explicit `openvino` fails the start instead."""
-    from serve_app.model.openvino.runtime import load_openvino_generator
-
-    try:
-        return load_openvino_generator(config, backend=backend)
-    except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        warning = (f"backend auto: OpenVINO could not start ({type(exc).__name__}: "
-                   f"{detail[:300]}); running torch instead")
-        logger.warning("%s", warning, exc_info=True)
-        return warning
+def _fallback_warning(exc: Exception) -> str:
+    """`auto` chose OpenVINO and it could not start (an export that ran out of memory, a
+    cache it cannot write, sizes its IR cannot run): the one line the replica falls back to
+    torch with. An explicit `openvino` fails the start instead."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"backend auto: OpenVINO could not start ({type(exc).__name__}: {detail[:300]}); "
+            f"running torch instead")
 
 
 def load_generator(config: AppConfig) -> DiffusersGenerator:
@@ -164,11 +157,14 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
                              cpu_class=cpu.host().cpu_class if device == "cpu" else None)
     fallback: str | None = None
     if backend.name == "openvino":
-        started_openvino = _try_openvino(config, backend)
-        if not isinstance(started_openvino, str):
-            return started_openvino
-        fallback = started_openvino
-        backend = BackendChoice("torch", "auto: OpenVINO failed to start (see warnings)")
+        from serve_app.model.openvino.runtime import load_openvino_generator
+
+        try:
+            return load_openvino_generator(config, backend=backend)
+        except Exception as exc:
+            fallback = _fallback_warning(exc)
+            logger.warning("%s", fallback, exc_info=True)
+            backend = BackendChoice("torch", "auto: OpenVINO failed to start (see warnings)")
     dtype_name, dtype = choice.name, DTYPES[choice.name]
     warnings = [choice.warning] if choice.warning else []
     if fallback:

@@ -128,6 +128,21 @@ def ready_within(url: str, seconds: float = 60.0) -> httpx.Response:
         time.sleep(0.5)
 
 
+# Async jobs: submit one, and poll its status URL until it ends.
+def submit(url, body, **kwargs):
+    return httpx.post(f"{url}/api/jobs", json=body, timeout=30, **kwargs)
+
+
+def wait_done(status_url, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = httpx.get(status_url, timeout=30).json()
+        if record["status"] in ("succeeded", "failed"):
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"job did not finish in {timeout_s}s: {record}")
+
+
 def fake_args(store_dir, **overrides) -> dict:
     args = {
         "model": {"source": "fake", "generator": "serve_app.testing:load_fake_generator",

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import post
+from tests.integration.conftest import post, wait_done
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:
@@ -113,18 +113,6 @@ def test_bad_images_get_4xx_and_the_service_keeps_serving(tiny_app):
     assert post(tiny_app, {"prompt": "still here", "step": 1}).status_code == 200
 
 
-def wait_for_job(status_url: str, timeout_s: float = 120) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record = httpx.get(status_url, timeout=30).json()
-        if record["status"] in ("succeeded", "failed"):
-            return record
-        time.sleep(0.2)
-    raise AssertionError(f"job did not finish: {record}")
-
-
 def test_an_image_to_image_job(tiny_app):
     source = png(512, 512, seed=4)
     body = {"prompt": "a job", "image": base64.b64encode(source).decode(), "strength": 0.5,
@@ -133,7 +121,7 @@ def test_an_image_to_image_job(tiny_app):
     assert response.status_code == 202, response.text
     submitted = response.json()
     assert submitted["progress"]["stepsTotal"] == 2  # 4 steps at strength 0.5
-    record = wait_for_job(submitted["statusUrl"])
+    record = wait_done(submitted["statusUrl"], timeout_s=120)
     assert record["status"] == "succeeded", record
     assert record["progress"]["stepsDone"] == 2
     assert record["result"]["meta"]["input"]["strength"] == 0.5

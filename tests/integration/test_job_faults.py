@@ -110,18 +110,25 @@ def test_200_jobs_drain_through_two_model_replicas_each_run_once(deployed, tmp_p
         JOBS, 0, 0)
 
 
-def test_200_jobs_survive_a_consumer_replica_killed(deployed, tmp_path):
+def run_with_a_replica_killed(deployed, tmp_path, app: str, deployment: str,
+                              label: str) -> dict:
+    """The 200-job run, with one replica of `deployment` killed once 40 jobs ran."""
     import ray
 
     log = tmp_path / "executions.log"
-    url = deployed("jobs-kill-consumer", bench_args(tmp_path / "store", log))
-    victim = replica_actor_names("jobs-kill-consumer", "JobConsumer")[0]
+    url = deployed(app, bench_args(tmp_path / "store", log))
+    victim = replica_actor_names(app, deployment)[0]
     started = time.time()
     jobs = submit_all(url)
     while sum(executions(log).values()) < 40:  # the run is well under way
         time.sleep(0.05)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    result = check_run("consumer killed", "jobs-kill-consumer", jobs, started, log)
+    return check_run(label, app, jobs, started, log)
+
+
+def test_200_jobs_survive_a_consumer_replica_killed(deployed, tmp_path):
+    result = run_with_a_replica_killed(deployed, tmp_path, "jobs-kill-consumer",
+                                       "JobConsumer", "consumer killed")
     # The killed consumer's jobs in flight (up to its 8 worker threads) ran again, after
     # the broker's visibility timeout (30 s here).
     assert 1 <= result["attempted_twice"] <= 8, result
@@ -129,17 +136,8 @@ def test_200_jobs_survive_a_consumer_replica_killed(deployed, tmp_path):
 
 
 def test_200_jobs_survive_a_model_replica_killed(deployed, tmp_path):
-    import ray
-
-    log = tmp_path / "executions.log"
-    url = deployed("jobs-kill-model", bench_args(tmp_path / "store", log))
-    victim = replica_actor_names("jobs-kill-model", "Text2ImageModel")[0]
-    started = time.time()
-    jobs = submit_all(url)
-    while sum(executions(log).values()) < 40:
-        time.sleep(0.05)
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    result = check_run("model replica killed", "jobs-kill-model", jobs, started, log)
+    result = run_with_a_replica_killed(deployed, tmp_path, "jobs-kill-model",
+                                       "Text2ImageModel", "model replica killed")
     # The batcher sends a lost batch again itself: no job needs a second delivery. Only
     # the batch on the killed replica (one call: max_batch_size 1) can have run twice.
     assert result["attempted_twice"] == 0, result

@@ -9,8 +9,7 @@ from pathlib import Path
 import httpx
 
 from serve_app.jobs.redis_server import ping
-from tests.integration.conftest import deployed_app, fake_args, free_port
-from tests.integration.test_jobs import submit, wait_done
+from tests.integration.conftest import deployed_app, fake_args, free_port, submit, wait_done
 
 
 def running_consumers(app: str) -> int:

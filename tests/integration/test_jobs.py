@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import deployed_app, fake_args, free_port
+from tests.integration.conftest import deployed_app, fake_args, free_port, submit, wait_done
 from tests.integration.test_load_and_faults import replica_actor_names
 
 # A consumer replica stays up (scaling from zero has its own test); a job whose consumer
@@ -40,20 +40,6 @@ def jobs_app(serve_url, tmp_path_factory):
             jobs={**FAST_JOBS, "broker": {**FAST_JOBS["broker"], "queue_name": QUEUE}},
     )) as url:
         yield url, store
-
-
-def submit(url, body, **kwargs):
-    return httpx.post(f"{url}/api/jobs", json=body, timeout=30, **kwargs)
-
-
-def wait_done(status_url, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record = httpx.get(status_url, timeout=30).json()
-        if record["status"] in ("succeeded", "failed"):
-            return record
-        time.sleep(0.1)
-    raise AssertionError(f"job did not finish in {timeout_s}s: {record}")
 
 
 def test_job_lifecycle(jobs_app):
