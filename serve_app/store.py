@@ -113,11 +113,17 @@ class ImageStore:
         Replaced whole: a concurrent reader gets the old record or the new one."""
         self._write(self._record_path(name), data)
 
-    def delete_record(self, name: str) -> None:
+    def _delete_file(self, path: str) -> None:
+        """One object, one DeleteObject request. Not fsspec's `rm`: on s3fs that is a bulk
+        DeleteObjects, which OSS refuses without a Content-MD5 header, and botocore 1.36+
+        sends a CRC32 checksum there instead (kuberay/README.md, "Image bucket")."""
         try:
-            self.fs.rm(self._record_path(name))
+            self.fs.rm_file(path)
         except FileNotFoundError:
-            pass
+            pass  # another ingress replica got there first
+
+    def delete_record(self, name: str) -> None:
+        self._delete_file(self._record_path(name))
 
     def get_record(self, name: str) -> bytes:
         try:
@@ -147,12 +153,17 @@ class ImageStore:
                 continue
             newest[image_id] = max(newest.get(image_id, 0.0), mtime)
         expired = [image_id for image_id, mtime in newest.items() if now - mtime > ttl_s]
-        doomed = [f"{self.root}/{image_id}" for image_id in expired] + expired_records
-        for path in doomed:
-            try:
-                self.fs.rm(path, recursive=True)
-            except FileNotFoundError:
-                pass  # another ingress replica got there first
+        if self._local:
+            for path in [f"{self.root}/{image_id}" for image_id in expired] + expired_records:
+                try:
+                    self.fs.rm(path, recursive=True)
+                except FileNotFoundError:
+                    pass  # another ingress replica got there first
+        else:
+            # An object store has only the listed objects (no directories): delete each.
+            prefixes = tuple(f"{self.root}/{image_id}/" for image_id in expired)
+            for path in [p for p in files if p.startswith(prefixes)] + expired_records:
+                self._delete_file(path)
         if expired:
             logger.info("image store cleanup: deleted %d expired ids", len(expired))
         return len(expired)

@@ -41,3 +41,46 @@ def test_images_live_in_the_bucket_and_every_ingress_replica_serves_them(deploye
     records = [o["Key"] for o in s3.list_objects_v2(
         Bucket="sd-images", Prefix="images/jobs/job-")["Contents"]]
     assert records == [f"images/jobs/job-{job_id}.json"]
+
+
+def test_a_whole_job_runs_against_the_strict_oss_like_endpoint(deployed, tmp_path):
+    """configs/production.yaml's storage options on an HTTPS S3 stand-in that refuses what
+    Alibaba OSS refuses (tests/s3_strict.py): the job's record, its step progress, its images
+    and the image URLs all work through the ingress and JobConsumer replicas."""
+    import botocore.session
+    import yaml
+    from botocore.config import Config
+
+    from serve_app.config import AppConfig
+    from tests.integration.conftest import submit, wait_done
+    from tests.kuberay.manifests import PRODUCTION
+    from tests.s3_strict import strict_s3
+
+    production = AppConfig.model_validate(
+        yaml.safe_load(PRODUCTION.read_text())["applications"][0]["args"]).store
+    with strict_s3(tmp_path) as standin:
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=standin.endpoint, aws_access_key_id="test",
+            aws_secret_access_key="test", region_name="us-east-1", verify=str(standin.ca_file),
+            config=Config(request_checksum_calculation="when_required"))
+        client.create_bucket(Bucket="sdxl-turbo-images")
+        url = deployed("s3strict", fake_args(
+            tmp_path,
+            store={"url": production.url,
+                   "storage_options": {**production.storage_options,
+                                       "endpoint_url": standin.endpoint,
+                                       "key": "test", "secret": "test",
+                                       "client_kwargs": {"verify": str(standin.ca_file)}}},
+        ))
+        accepted = submit(url, {"prompt": "strict", "number": 2, "seed": 3}).json()
+        record = wait_done(accepted["statusUrl"])
+        assert record["status"] == "succeeded"
+        assert record["attempts"] == 1
+        output = record["result"]["output"]
+        fetched = [httpx.get(o["url"]) for o in output]
+        assert [r.status_code for r in fetched] == [200, 200]
+        keys = sorted(o["Key"] for o in client.list_objects_v2(
+            Bucket="sdxl-turbo-images", Prefix=f"images/{record['id']}/")["Contents"])
+        assert keys == [f"images/{record['id']}/{name}"
+                        for name in ("0_0.png", "1_0.png", "image_grid.png")]
+        assert standin.refused == []
