@@ -79,8 +79,9 @@ def test_a_whole_job_runs_against_the_strict_oss_like_endpoint(deployed, tmp_pat
         output = record["result"]["output"]
         fetched = [httpx.get(o["url"]) for o in output]
         assert [r.status_code for r in fetched] == [200, 200]
+        image_id = output[0]["url"].rsplit("/", 2)[1]
         keys = sorted(o["Key"] for o in client.list_objects_v2(
-            Bucket="sdxl-turbo-images", Prefix=f"images/{record['id']}/")["Contents"])
-        assert keys == [f"images/{record['id']}/{name}"
+            Bucket="sdxl-turbo-images", Prefix=f"images/{image_id}/")["Contents"])
+        assert keys == [f"images/{image_id}/{name}"
                         for name in ("0_0.png", "1_0.png", "image_grid.png")]
         assert standin.refused == []
