@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "kuberay"
 CRD = REPO.parent / "shared" / "kuberay" / "ray.io_rayservices.v1.7.0.yaml"
 PRODUCTION = REPO / "configs" / "production.yaml"
-BUILDS = ("base", "overlays/g8i", "overlays/tdx", "overlays/g8i-lite", "storage",
-          "openvino-export")
+# Every kustomization that can be built on its own (storage/, params/ and placement/ are
+# components: they are built inside these).
+BUILDS = ("base", "overlays/g8i", "overlays/tdx", "overlays/g8i-lite", "openvino-export",
+          "tdx-check")
 OVERLAYS = ("overlays/g8i", "overlays/tdx", "overlays/g8i-lite")
 KUBERNETES_VERSION = "1.33.0"   # ACK's current line; kubernetes-validate ships its schemas
 TDX_LABEL = {"nodepool-label": "tdx-vm-pool"}

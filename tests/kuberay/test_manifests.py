@@ -32,7 +32,7 @@ from tests.kuberay.manifests import (
 
 def test_every_yaml_file_parses() -> None:
     files = all_yaml_files()
-    assert len(files) == 15
+    assert len(files) == 22
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs, path
@@ -43,15 +43,17 @@ def test_every_yaml_file_parses() -> None:
 @pytest.mark.parametrize("name", BUILDS)
 def test_build_parses(name: str) -> None:
     kinds = sorted(o["kind"] for o in build(name))
-    budgets = ["PodDisruptionBudget"] * 3
+    # Two budgets (ingress, model: the head has none, issue 20) and the head's
+    # NetworkPolicy; the params object (local-config) is never in a build.
+    app = ["NetworkPolicy"] + ["PodDisruptionBudget"] * 2
     expected = {
-        "base": budgets + ["RayService"],
-        "overlays/g8i": budgets + ["RayService"],
-        "overlays/tdx": budgets + ["RayService"],
-        "overlays/g8i-lite": ["PersistentVolume", "PersistentVolumeClaim"] + budgets + [
-            "RayService"],
-        "storage": ["PersistentVolume", "PersistentVolumeClaim"],
+        "base": app + ["RayService"],
+        "overlays/g8i": app + ["RayService"],
+        "overlays/tdx": app + ["RayService"],
+        "overlays/g8i-lite": ["NetworkPolicy", "PersistentVolume", "PersistentVolumeClaim"]
+        + ["PodDisruptionBudget"] * 2 + ["RayService"],
         "openvino-export": ["Job", "PersistentVolume", "PersistentVolumeClaim"],
+        "tdx-check": ["Pod"],
     }[name]
     assert kinds == expected
 
@@ -70,8 +72,8 @@ def test_fallback_renderer_equals_kubectl_kustomize(name: str) -> None:
 
 
 def test_fallback_renderer_refuses_what_it_does_not_implement(tmp_path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
-    with pytest.raises(kustomize_lite.UnsupportedKustomization, match="namePrefix"):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nnameSuffix: -x\n")
+    with pytest.raises(kustomize_lite.UnsupportedKustomization, match="nameSuffix"):
         kustomize_lite.render(tmp_path)
 
 
@@ -178,7 +180,9 @@ def test_pod_validation_rejects_a_typo() -> None:
 
 
 def test_storage_objects_validate_strictly() -> None:
-    objects = build("storage")
+    # storage/ is a component (its values come from kuberay/params): built in g8i-lite.
+    objects = [o for o in build("overlays/g8i-lite")
+               if o["kind"] in ("PersistentVolume", "PersistentVolumeClaim")]
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     pv = next(o for o in objects if o["kind"] == "PersistentVolume")
@@ -189,18 +193,22 @@ def test_storage_objects_validate_strictly() -> None:
     assert "nodePublishSecretRef" not in pv["spec"]["csi"]
     assert pv["spec"]["accessModes"] == pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
     assert pvc["spec"]["selector"]["matchLabels"] == pv["metadata"]["labels"]
+    # And by name, which a namePrefix renames with the PV (the label it keeps).
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
 
 
 def test_lite_overlay_mounts_the_claim_where_model_source_points() -> None:
     service = rayservice("overlays/g8i-lite")
     templates = pod_templates(service)
-    for group in ("head", "model"):
+    # Only the model pods read (and check) the weights; the head no longer does (issue 20).
+    for group in ("model",):
         spec = templates[group]["spec"]
         assert spec["volumes"] == [{"name": "model-weights", "persistentVolumeClaim": {
             "claimName": "sdxl-turbo-weights", "readOnly": True}}]
         assert spec["containers"][0]["volumeMounts"] == [
             {"name": "model-weights", "mountPath": "/models", "readOnly": True}]
     assert "volumes" not in templates["ingress"]["spec"]
+    assert "volumes" not in templates["head"]["spec"]
     for template in templates.values():
         assert template["spec"]["containers"][0]["image"].endswith("-lite")
     args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
@@ -298,7 +306,7 @@ def test_openvino_export_job_writes_where_the_replicas_read() -> None:
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["Job", "PersistentVolume", "PersistentVolumeClaim"]
     writer = next(o for o in objects if o["kind"] == "PersistentVolume")
-    reader = next(o for o in build("storage") if o["kind"] == "PersistentVolume")
+    reader = next(o for o in build("overlays/g8i-lite") if o["kind"] == "PersistentVolume")
     attrs, read_attrs = writer["spec"]["csi"]["volumeAttributes"], reader["spec"]["csi"][
         "volumeAttributes"]
     assert (attrs["bucket"], attrs["url"], attrs["path"]) == (

@@ -22,7 +22,11 @@ from ray.serve._private.constants import (
     PROXY_MIN_DRAINING_PERIOD_S,
 )
 
-from serve_app.app import ingress_deployment_options, model_deployment_options
+from serve_app.app import (
+    consumer_deployment_options,
+    ingress_deployment_options,
+    model_deployment_options,
+)
 from serve_app.config import AppConfig
 from serve_app.tee import detect_tee
 from tests.kuberay.manifests import (
@@ -37,6 +41,7 @@ from tests.kuberay.manifests import (
     quantity_bytes,
     quantity_cpus,
     rayservice,
+    worker_group,
 )
 
 # rayservice_types.go at v1.7.0: "Deprecated: This field is not used anymore" (kuberay#1685).
@@ -109,11 +114,23 @@ def _budgets(name: str) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("name", ("base",) + OVERLAYS)
-def test_disruption_budgets_keep_the_head_an_ingress_and_a_model_replica(name: str) -> None:
+def test_disruption_budgets_keep_an_ingress_and_a_model_replica_and_let_drains_proceed(
+        name: str) -> None:
+    """Issue 20: a budget holding the only head (minAvailable 1 of 1) stalled every drain
+    of its node; with GCS fault tolerance the head has none. The model budget holds one of
+    at least two model pods (min_replicas >= 2), so a drain can always take one."""
     budgets = _budgets(name)
-    assert sorted(budgets) == ["sdxl-turbo-head", "sdxl-turbo-ingress", "sdxl-turbo-model"]
-    templates = pod_templates(rayservice(name))
-    for group in ("head", "ingress", "model"):
+    assert sorted(budgets) == ["sdxl-turbo-ingress", "sdxl-turbo-model"]
+    service = rayservice(name)
+    assert service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"]
+    templates = pod_templates(service)
+    config = AppConfig.model_validate(app_args(service))
+    assert config.replica.autoscaling is not None
+    assert config.replica.autoscaling.min_replicas >= budgets["sdxl-turbo-model"][
+        "minAvailable"] + 1
+    assert worker_group(service, "model")["minReplicas"] == (
+        config.replica.autoscaling.min_replicas)
+    for group in ("ingress", "model"):
         spec = budgets[f"sdxl-turbo-{group}"]
         # Integer minAvailable: RayCluster has no scale subresource, so maxUnavailable or a
         # percentage would leave the budget unable to allow any eviction.
@@ -277,17 +294,30 @@ def test_drain_window_covers_graceful_replica_shutdown(name: str) -> None:
     }
     assert graceful["model"] == 120
     assert sorted(pod_templates(service)) == ["head", "ingress", "model"]
-    for template in pod_templates(service).values():
+    # The JobConsumer replicas run on the ingress pods (ingress.resources). Issue 20: their
+    # graceful shutdown (a running job's bound, 330 s) was longer than the pods' 140 s
+    # drain, so every drain cut the running jobs (redelivered 900 s later).
+    consumer = consumer_deployment_options(config)["graceful_shutdown_timeout_s"]
+    assert consumer == config.ingress.request_timeout_s + 30 == 330
+    on_pod = {"head": [], "ingress": [graceful["ingress"], consumer],
+              "model": [graceful["model"]]}
+    expected = {"head": (350, 360), "ingress": (350, 360), "model": (140, 150)}
+    drains = {}
+    for group, template in pod_templates(service).items():
         spec = template["spec"]
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         drain = float(env[DRAIN_ENV])
-        assert (drain, spec["terminationGracePeriodSeconds"]) == (140, 150)
+        drains[group] = drain
+        assert (drain, spec["terminationGracePeriodSeconds"]) == expected[group]
         # SIGKILL comes after the drain, with time left to stop the processes.
         assert drain + 10 <= spec["terminationGracePeriodSeconds"]
         # Serve stops a replica on a draining node at the latest graceful_shutdown_timeout_s
         # before the drain deadline; the proxy drains for at least 30 s.
-        assert drain >= max(graceful.values()) + 20
+        assert drain >= max(on_pod[group] + [graceful["model"]]) + 20
         assert drain > PROXY_MIN_DRAINING_PERIOD_S
+    # The head (GCS, Serve controller) drains as long as any worker: when a whole cluster
+    # is deleted it outlives them.
+    assert drains["head"] >= max(drains.values())
 
 
 @pytest.mark.parametrize("name", ("base",) + OVERLAYS)
@@ -318,7 +348,7 @@ def _mount_options(other_opts: str) -> list[str]:
 
 
 def test_weights_volume_needs_no_secret_in_a_fixed_namespace() -> None:
-    (pv,) = [o for o in build("storage") if o["kind"] == "PersistentVolume"]
+    (pv,) = [o for o in build("overlays/g8i-lite") if o["kind"] == "PersistentVolume"]
     csi = pv["spec"]["csi"]
     # A PV is cluster-scoped: a nodePublishSecretRef must name the Secret's namespace, which
     # is wherever the RayService happens to be deployed. RRSA needs no Secret at all.
@@ -330,7 +360,7 @@ def test_weights_volume_needs_no_secret_in_a_fixed_namespace() -> None:
 
 
 def test_weights_volume_sets_no_option_the_driver_sets() -> None:
-    (pv,) = [o for o in build("storage") if o["kind"] == "PersistentVolume"]
+    (pv,) = [o for o in build("overlays/g8i-lite") if o["kind"] == "PersistentVolume"]
     csi = pv["spec"]["csi"]
     options = _mount_options(csi["volumeAttributes"]["otherOpts"])
     # Read-only: the driver derives it from readOnly / ReadOnlyMany (ossfs 2.0: ro=true).
@@ -346,11 +376,14 @@ def test_mount_option_parser() -> None:
 
 # --- TDX: checking a node before the rollout -----------------------------------------------
 
-TDX_CHECK = KUBERAY / "tdx-check.yaml"
+TDX_CHECK = KUBERAY / "tdx-check"
 
 
 def _tdx_check_pod() -> dict:
-    (pod,) = [d for d in yaml.safe_load_all(TDX_CHECK.read_text()) if d is not None]
+    """The pod as `kubectl apply -k kuberay/tdx-check` creates it (image and node-pool pin
+    from kuberay/params, as for the TDX overlay)."""
+    (pod,) = build("tdx-check")
+    assert pod["kind"] == "Pod"
     return pod
 
 
