@@ -15,7 +15,6 @@ import sys
 import click
 import kubernetes_validate
 import pytest
-import yaml
 from ray.scripts.scripts import start as ray_start_command
 from ray.serve._private.constants import (
     DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,

@@ -17,8 +17,8 @@ from botocore.config import Config
 from serve_app.config import AppConfig
 from serve_app.errors import NotFound
 from serve_app.store import ImageStore
-from tests.s3_strict import strict_s3
 from tests.kuberay.manifests import PRODUCTION
+from tests.s3_strict import strict_s3
 
 BUCKET = "sdxl-turbo-images"
 
