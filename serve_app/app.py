@@ -20,7 +20,6 @@ from serve_app.jobs.consumer import (
     consumer_deployment,
 )
 from serve_app.model.deployment import Text2ImageModel
-from serve_app.model.source import check_local_source
 
 logger = logging.getLogger("ray.serve")
 
@@ -127,8 +126,11 @@ def consumer_deployment_options(config: AppConfig) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
+    # model.source is not checked here: this runs in the Serve controller (the head pod),
+    # which never reads the weights and on KubeRay runs the lite image without them. Each
+    # model replica checks the directory where it loads it (resolve_model_dir), with the
+    # same one-line error.
     config = load_config(args)
-    check_local_source(config.model.source)
     payload = config.model_dump(mode="json")
     # @serve.deployment turns each class into a Deployment; mypy keeps the class type.
     model = Text2ImageModel.options(  # type: ignore[attr-defined]

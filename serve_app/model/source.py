@@ -27,7 +27,8 @@ def looks_like_path(source: str) -> bool:
 
 
 def check_local_source(source: str) -> None:
-    """Cheap start-up check for directory sources; runs before any replica starts."""
+    """Cheap check for directory sources, where the weights are read (the model replica's
+    load, the OpenVINO export), before anything is loaded."""
     if source == EMBEDDED_TINY or not looks_like_path(source):
         return
     path = Path(source).expanduser()
