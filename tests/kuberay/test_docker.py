@@ -163,3 +163,35 @@ def test_tcmalloc_is_installed_and_preloaded_for_every_process() -> None:
     assert f"test -f {library}" in text  # the build fails if the path moved
     assert re.findall(r"(?m)^ENV LD_PRELOAD=(\S+)$", text) == [library]
     assert text.index("libtcmalloc-minimal4") < text.index("USER 1000:100")
+
+
+def test_workdir_is_owned_by_the_app_user_whatever_the_builder() -> None:
+    """Issue 20: WORKDIR creates a missing directory as root with the legacy builder and
+    kaniko; the directory is made, as root, owned by 1000:100 before USER and WORKDIR."""
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    (workdir,) = [line.split(None, 1)[1] for line in lines if line.startswith("WORKDIR ")]
+    made = lines.index(f"RUN install -d -o 1000 -g 100 {workdir}")
+    assert lines.index("USER root") < made < lines.index("USER 1000:100") < lines.index(
+        f"WORKDIR {workdir}")
+
+
+def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest() -> None:
+    import fnmatch
+
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(fnmatch.fnmatch(prefix, pattern.removeprefix("**/"))
+                   or fnmatch.fnmatch(prefix, pattern)
+                   for pattern in patterns for prefix in prefixes)
+
+    copied = re.findall(r"(?m)^COPY --chown=1000:100 (.+) \S+$", DOCKERFILE.read_text())
+    sources = [src for line in copied for src in line.split()]
+    assert sources == ["pyproject.toml", "README.md", "serve_app", "docker/check_image.py"]
+    assert not any(ignored(src) for src in sources)
+    for heavy in (".git", ".venv", "docker/weights/sdxl-turbo/unet", "tests", "kuberay",
+                  "serve_app/__pycache__"):
+        assert ignored(heavy), heavy
