@@ -47,7 +47,7 @@ def model_deployment_options(config: AppConfig) -> dict[str, Any]:
         auto = replica.autoscaling
         options["autoscaling_config"] = {
             "min_replicas": auto.min_replicas,
-            "initial_replicas": max(auto.min_replicas, 1),
+            "initial_replicas": auto.initial_replicas or max(auto.min_replicas, 1),
             "max_replicas": auto.max_replicas,
             "target_ongoing_requests": auto.target_ongoing_requests,
             "upscale_delay_s": auto.upscale_delay_s,

@@ -132,6 +132,10 @@ class BatchingConfig(StrictModel):
 class AutoscalingConfig(StrictModel):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
+    # Replicas a new deployment starts with (default: min_replicas, at least 1). Set by
+    # kuberay/upgrade.py to the live count, so a new cluster of an upgrade takes traffic
+    # with the capacity the old one had.
+    initial_replicas: int | None = Field(default=None, ge=1)
     target_ongoing_requests: float = Field(default=2.0, gt=0)
     upscale_delay_s: float = Field(default=30.0, ge=0)
     downscale_delay_s: float = Field(default=600.0, ge=0)
@@ -140,6 +144,9 @@ class AutoscalingConfig(StrictModel):
     def _bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling.min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("autoscaling.initial_replicas must be within min..max_replicas")
         return self
 
 
