@@ -72,7 +72,7 @@ def test_node_pool_label_is_set_in_the_pool_config_with_existing_nodes_updated()
 
 def test_tdx_node_check_is_documented() -> None:
     text = KUBERAY_README.read_text()
-    assert "kubectl apply -f kuberay/tdx-check.yaml" in text
+    assert "kubectl apply -k kuberay/tdx-check" in text
     assert "`/dev/tdx_guest` is not visible" in text
     assert '"detect_tee: tdx"' in text
 
@@ -109,3 +109,53 @@ def test_node_disk_is_stated() -> None:
     text = " ".join(KUBERAY_README.read_text().split())
     assert "**Node disk (estimate).**" in text
     assert "at least 120 GiB for the container runtime" in text
+
+
+def _layout_block() -> str:
+    text = KUBERAY_README.read_text()
+    start = text.index("```\nkuberay/\n")
+    return text[start:text.index("```", start + 3)]
+
+
+def test_the_layout_lists_every_part_of_kuberay() -> None:
+    """Issue 20: openvino-export/ was missing from the layout."""
+    block = _layout_block()
+    listed = set(re.findall(r"(?m)^  ([a-z][a-z0-9_.-]*(?:/[a-z0-9_.-]*)?)(?:/|\s)", block))
+    entries = {p.name for p in KUBERAY.iterdir()
+               if p.name != "README.md" and not p.name.startswith((".", "__"))}
+    for entry in entries:
+        assert entry in listed or f"{entry}/" in block, entry
+    for overlay in OVERLAYS:
+        assert f"{overlay}/" in block, overlay
+    for component in ("placement/g8i", "storage", "params"):
+        assert (KUBERAY / component / "kustomization.yaml").is_file()
+
+
+def test_the_readme_walks_through_a_rollout_an_upgrade_and_a_maintenance() -> None:
+    text = " ".join(KUBERAY_README.read_text().split())
+    rollout = text.index("## Deploy (the first rollout)")
+    upgrade = text.index("**An upgrade, step by step**")
+    maintenance = text.index("**A node-pool maintenance, step by step**")
+    assert "python kuberay/upgrade.py kuberay/overlays/g8i" in text[rollout:]
+    assert "python kuberay/upgrade.py kuberay/overlays/g8i" in text[upgrade:]
+    assert "**a user keeps the capacity that was running when the upgrade was applied**" in text
+    assert "Capacity kept:" in text[upgrade:] and "Jobs: none lost." in text[upgrade:]
+    assert "What survives:" in text[maintenance:]
+    assert "Not proven here:" in text[maintenance:]
+    # The numbers the walkthroughs quote are the manifests'.
+    service = rayservice("overlays/g8i")
+    for group, template in pod_templates(service).items():
+        spec = template["spec"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        drain, grace = env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"], spec[
+            "terminationGracePeriodSeconds"]
+        if group == "model":
+            assert f"`RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S` ({drain} s)" in text
+        else:
+            assert f"Ingress pods and the head: {drain} s and {grace} s." in text
+    budgets = {o["metadata"]["name"] for o in build("overlays/g8i")
+               if o["kind"] == "PodDisruptionBudget"}
+    for name in budgets:
+        assert f"`{name}`" in text
+    assert "`sdxl-turbo-head`" not in text
+    assert "kubectl get rayservice sdxl-turbo" in text[maintenance:]
