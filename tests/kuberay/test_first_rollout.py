@@ -279,22 +279,32 @@ def test_public_exposure_is_the_rayservice_serve_service() -> None:
 
 @pytest.mark.parametrize("name", ("base",) + OVERLAYS)
 def test_gcs_and_dashboard_answer_only_the_clusters_own_pods(name: str) -> None:
+    """A policy that selects the head refuses whatever its rules do not allow: GCS (6379),
+    the dashboard (8265), the client port and Ray's own ports only from this app's pods
+    (every port: Ray's workers reach the head on ports Ray picks at start); the KubeRay
+    operator only the dashboard and its agent; anyone else only 8000 and 8080."""
     (policy,) = [o for o in build(name) if o["kind"] == "NetworkPolicy"]
-    head = pod_templates(rayservice(name))["head"]
+    templates = pod_templates(rayservice(name))
     spec = policy["spec"]
-    assert spec["podSelector"]["matchLabels"].items() <= head["metadata"]["labels"].items()
+    assert spec["podSelector"]["matchLabels"].items() <= templates["head"]["metadata"][
+        "labels"].items()
     assert spec["policyTypes"] == ["Ingress"]
-    restricted, open_ports = spec["ingress"]
-    assert {p["port"] for p in restricted["ports"]} == {6379, 8265, 10001}
-    assert restricted["from"] == [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "sdxl-turbo"}}},
-        {"namespaceSelector": {},
-         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
-    assert "from" not in open_ports
-    assert not {6379, 8265, 10001} & {p["port"] for p in open_ports["ports"]}
-    # Every Ray pod of the app carries the label the policy admits.
-    for template in pod_templates(rayservice(name)).values():
+    own, operator, anyone = spec["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "sdxl-turbo"}}}]}
+    assert operator["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert {p["port"] for p in operator["ports"]} == {8265, 52365}
+    assert "from" not in anyone
+    assert {p["port"] for p in anyone["ports"]} == {8000, 8080}
+    open_to_all = {p["port"] for p in anyone["ports"]}
+    assert not {6379, 8265, 10001} & open_to_all
+    # Every Ray pod of the app (both clusters of an upgrade) carries the label admitted.
+    for template in templates.values():
         assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "sdxl-turbo"
+    # And the head's own GCS and dashboard ports are the ones the policy guards.
+    ports = {p["containerPort"] for p in templates["head"]["spec"]["containers"][0]["ports"]}
+    assert {6379, 8265, 10001} <= ports
 
 
 @pytest.mark.parametrize("name", BUILDS)
