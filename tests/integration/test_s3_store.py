@@ -47,17 +47,19 @@ def test_a_whole_job_runs_against_the_strict_oss_like_endpoint(deployed, tmp_pat
     """configs/production.yaml's storage options on an HTTPS S3 stand-in that refuses what
     Alibaba OSS refuses (tests/s3_strict.py): the job's record, its step progress, its images
     and the image URLs all work through the ingress and JobConsumer replicas."""
+    from pathlib import Path
+
     import botocore.session
     import yaml
     from botocore.config import Config
 
     from serve_app.config import AppConfig
     from tests.integration.conftest import submit, wait_done
-    from tests.kuberay.manifests import PRODUCTION
     from tests.s3_strict import strict_s3
 
+    production_yaml = Path(__file__).resolve().parents[2] / "configs" / "production.yaml"
     production = AppConfig.model_validate(
-        yaml.safe_load(PRODUCTION.read_text())["applications"][0]["args"]).store
+        yaml.safe_load(production_yaml.read_text())["applications"][0]["args"]).store
     with strict_s3(tmp_path) as standin:
         client = botocore.session.get_session().create_client(
             "s3", endpoint_url=standin.endpoint, aws_access_key_id="test",

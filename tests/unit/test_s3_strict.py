@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from pathlib import Path
 
 import botocore.session
 import pytest
@@ -17,10 +18,10 @@ from botocore.config import Config
 from serve_app.config import AppConfig
 from serve_app.errors import NotFound
 from serve_app.store import ImageStore
-from tests.kuberay.manifests import PRODUCTION
 from tests.s3_strict import strict_s3
 
 BUCKET = "sdxl-turbo-images"
+PRODUCTION = Path(__file__).resolve().parents[2] / "configs" / "production.yaml"
 
 
 def production_store() -> tuple[str, dict]:
