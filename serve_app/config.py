@@ -293,10 +293,16 @@ class JobsConfig(StrictModel):
     callback_attempts: int = Field(default=5, ge=1)
     callback_backoff_s: float = Field(default=1.0, ge=0)
     # Hosts a job's callbackUrl may name: exact host names or IPs, or "*.example.com" for
-    # its subdomains. null allows any host: set it when clients are not fully trusted,
-    # since the consumer POSTs wherever callbackUrl points, inside your network too.
+    # its subdomains. null allows any host that resolves to public addresses only.
     # Callbacks never follow redirects.
     callback_hosts: list[str] | None = None
+    # false (default): a callback host that resolves to loopback, private (RFC 1918,
+    # unique-local), link-local, carrier-grade NAT (100.64.0.0/10, where Alibaba Cloud's
+    # metadata service is), multicast or reserved addresses is refused, at submission and
+    # again when the callback is sent (serve_app/outbound.py). true lets callbacks reach
+    # such addresses (on-premises receivers): then any client that may submit jobs can make
+    # the service POST into your network, so pair it with callback_hosts.
+    callback_allow_private: bool = False
 
     @field_validator("callback_hosts")
     @classmethod

@@ -30,6 +30,8 @@ LIGHT = {
     "store.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
     "metrics.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
     "tee.py": HEAVY + ("serve_app.ingress", "serve_app.bench"),
+    # Outbound calls to client-given URLs (callbacks; ingress-side fetches): stdlib only.
+    "outbound.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
 }
 
 
