@@ -7,7 +7,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import API_KEYS, API_KEYS_ENV, deployed_app, fake_args, post
+from tests.integration.conftest import (
+    API_KEYS,
+    API_KEYS_ENV,
+    deployed_app,
+    fake_args,
+    post,
+    submit,
+    wait_done,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +74,86 @@ def test_images_are_deleted_after_their_ttl(deployed, tmp_path):
     assert not (tmp_path / body["id"]).exists()
 
 
-def test_prompts_never_reach_the_logs(fake_app):
+def ray_log_files() -> list[Path]:
     import ray
 
-    marker = f"confidential-prompt-{uuid.uuid4().hex}"
-    assert post(fake_app, {"prompt": marker}).status_code == 200
-    assert post(fake_app, {"prompt": marker, "size": "9x9"}).status_code == 422
-    time.sleep(2)  # let Ray flush worker logs
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
-    files = [p for p in logs.rglob("*") if p.is_file()]
+    return [p for p in logs.rglob("*") if p.is_file()]
+
+
+def logs_with(text: str, timeout_s: float = 30.0) -> list[Path]:
+    """Ray's log files once one of them holds `text` (Ray flushes worker logs now and
+    then): proof that the logs read were written after the line that holds it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        files = ray_log_files()
+        if any(text.encode() in p.read_bytes() for p in files):
+            return files
+        assert time.monotonic() < deadline, f"{text!r} did not reach Ray's logs"
+        time.sleep(0.25)
+
+
+def test_prompts_never_reach_the_logs(fake_app):
+    marker = f"confidential-prompt-{uuid.uuid4().hex}"
+    ok = post(fake_app, {"prompt": marker})
+    assert ok.status_code == 200
+    assert post(fake_app, {"prompt": marker, "size": "9x9"}).status_code == 422
+    # The ingress logs each request's id (generation.py): read until this one's is there.
+    files = logs_with(f"request {ok.json()['id']}:")
     assert len(files) > 5
     leaked = [p.name for p in files if marker.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_no_prompt_is_kept_after_a_call(deployed, tmp_path):
+    """After an interactive call, an async job and a refused request, the prompts are in no
+    Ray log line, no metric (name, label or value) and no result of any replica method
+    (model, batcher, job consumer) nor /readyz."""
+    from ray import serve
+
+    app = "noprompts"
+    url = deployed(app, fake_args(tmp_path, jobs={"consumer": {"min_replicas": 1}}))
+    marker = f"kept-prompt-{uuid.uuid4().hex}"
+    ok = post(url, {"prompt": f"{marker} interactive", "step": 2})
+    assert ok.status_code == 200
+    job = submit(url, {"prompt": f"{marker} job", "step": 2})
+    assert job.status_code == 202
+    assert wait_done(job.json()["statusUrl"])["status"] == "succeeded"
+    assert post(url, {"prompt": f"{marker} refused", "size": "9x9"}).status_code == 422
+
+    files = logs_with(f"job {job.json()['id']} succeeded")
+    assert logs_with(f"request {ok.json()['id']}:") and len(files) > 5
+    assert [p.name for p in ray_log_files() if marker.encode() in p.read_bytes()] == []
+
+    metrics = metrics_text(app)
+    assert "ray_sdxl_images_generated_total" in metrics
+    assert marker not in metrics
+
+    results = {"readyz": httpx.get(f"{url}/readyz", timeout=30).json()}
+    for deployment, methods in {
+            "Text2ImageModel": ("info", "stats", "record_autoscaling_stats"),
+            "Batcher": ("stats",),
+            "JobConsumer": ("record_autoscaling_stats",)}.items():
+        handle = serve.get_deployment_handle(deployment, app_name=app)
+        for method in methods:
+            results[f"{deployment}.{method}"] = getattr(handle, method).remote().result()
+    assert results["Text2ImageModel.stats"]["pipeline_calls"] == 2
+    assert results["readyz"]["status"] == "ready"
+    assert [name for name, result in results.items() if marker in repr(result)] == []
+
+
+def metrics_text(app: str, timeout_s: float = 60.0) -> str:
+    """The node's Prometheus text once it counts this application's images (Ray exports
+    every few seconds)."""
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    endpoint = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(endpoint, timeout=10).text
+        if any(line.startswith("ray_sdxl_images_generated_total{")
+               and f'application="{app}"' in line for line in text.splitlines()):
+            return text
+        assert time.monotonic() < deadline, "the application's metrics did not appear"
+        time.sleep(1.0)
