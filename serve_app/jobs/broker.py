@@ -71,6 +71,29 @@ def _keys_placeholder(cfg: BrokerConfig) -> str:
     return cfg.keys_url or _broker_placeholder(cfg)
 
 
+def _source(url: str | None, env: str | None, field: str) -> str:
+    """How an error names a URL: its setting or its environment variable, never the URL
+    (it may carry a password)."""
+    if env:
+        return f"jobs.broker.{field}_env ({env})"
+    return "jobs.broker.url (embedded)" if url == "embedded" else f"jobs.broker.{field}"
+
+
+def confidential_urls(config: AppConfig, *, resolve_env: bool = True) -> dict[str, Any]:
+    """The Redis URLs the jobs use, named, for serve_app.confidential's checks. The keys
+    URL only when it is not the broker's own. `resolve_env` False (the app builder, where a
+    Secret's variable may be unset): URLs from the environment are left out (None)."""
+    cfg = config.jobs.broker
+    out: dict[str, Any] = {"broker": None, "broker_source": _source(cfg.url, cfg.url_env, "url"),
+                           "keys": None, "keys_source": _source(cfg.keys_url, cfg.keys_url_env,
+                                                                "keys_url")}
+    if resolve_env or not cfg.url_env:
+        out["broker"] = broker_url(cfg)
+    if (cfg.keys_url or cfg.keys_url_env) and (resolve_env or not cfg.keys_url_env):
+        out["keys"] = keys_url(cfg)
+    return out
+
+
 def failed_queue(cfg: BrokerConfig) -> str:
     return f"{cfg.queue_name}-failed"
 

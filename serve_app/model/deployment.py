@@ -19,6 +19,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app import confidential
 from serve_app.batching.autoscaling import BACKLOG_METRIC
 from serve_app.batching.policy import plan_pipeline_calls, scatter
 from serve_app.config import AppConfig
@@ -45,6 +46,8 @@ class Text2ImageModel:
         # Prompts and pixels pass through here: in confidential mode this process must be in
         # a TEE. None is kept past the call that needs it (stats() has no prompts).
         tee = check_tee(security.require_tee, security.tee_probe)
+        # It writes previews and step counts to the store (no broker here).
+        confidential.check(self.config)
         started = time.perf_counter()
         factory = load_factory(self.config.model.generator)
         self.generator: ImageGenerator = factory(self.config)
