@@ -8,7 +8,11 @@ security.require_tee refuses to start unless
   kombu connects with CERT_NONE), and no `ssl_check_hostname=false`;
 - the store is an S3-compatible bucket (OSS through its S3 API) over https, with server-side
   encryption asked for on every write: storage_options.s3_additional_kwargs
-  {"ServerSideEncryption": "aws:kms"} (or "AES256": OSS-managed keys).
+  {"ServerSideEncryption": "KMS"} (OSS; "aws:kms" on AWS S3; or "AES256": keys the store
+  manages). Server-side, not client-side, encryption: the ingress serves image URLs from
+  the bucket and every replica reads job records, so client-side encryption would need a
+  key shared by every pod and rotated by this service; with SSE the keys stay in KMS and
+  the bucket refuses nothing a reader with credentials may read (see README, Security).
 Each can be waived by name in security.accept_risks. The checks run where the URLs are
 known (a URL from an environment variable only inside the replicas), and fail start-up
 with one line that names the setting, never the URL (it may hold a password).
@@ -28,7 +32,9 @@ logger = logging.getLogger("ray.serve")
 
 BROKER_RISK = "broker_without_tls"
 STORE_RISK = "store_without_encryption"
-SSE_MODES = ("aws:kms", "AES256")
+# OSS's S3-compatible API takes KMS (its KMS, default or SSEKMSKeyId key) and AES256 (keys
+# OSS manages); AWS S3 calls the first aws:kms.
+SSE_MODES = ("KMS", "aws:kms", "AES256")
 URL_FORM = "rediss://:PASSWORD@HOST:PORT/0?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem"
 
 BrokerTls = Literal["verified", "unverified", "none"]
@@ -109,7 +115,7 @@ def _store_problem(config: AppConfig) -> str | None:
         return "store.url is not an s3:// bucket (a local directory is not encrypted at rest)"
     if store_encryption(config) == "none":
         return ("store.storage_options.s3_additional_kwargs has no ServerSideEncryption "
-                "(aws:kms or AES256)")
+                "(KMS, aws:kms or AES256)")
     if not store_tls(config):
         return "store.storage_options.endpoint_url is not https://"
     return None

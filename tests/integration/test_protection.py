@@ -19,11 +19,16 @@ from tests.integration.conftest import (
 
 
 @pytest.fixture(scope="module")
-def secure_app(serve_url, tmp_path_factory):
+def secure_app(serve_url, tls_redis, tmp_path_factory):
+    """Confidential mode with its jobs on a TLS-only Redis (rediss://, certificate
+    verified). The store is a local directory: that risk is accepted by name."""
     with deployed_app(serve_url, "secure", fake_args(
         tmp_path_factory.mktemp("secure"),
         security={"api_keys_env": API_KEYS_ENV, "protect_images": True,
-                  "require_tee": True, "tee_probe": "serve_app.testing:tee_present"},
+                  "require_tee": True, "tee_probe": "serve_app.testing:tee_present",
+                  "accept_risks": ["store_without_encryption"]},
+        jobs={"broker": {"url": tls_redis.url, "queue_name": "secure-jobs"},
+              "consumer": {"min_replicas": 1}},
     )) as url:
         yield url
 
@@ -47,6 +52,63 @@ def test_api_needs_a_key(secure_app):
 def test_ready_reports_the_tee(secure_app):
     body = httpx.get(f"{secure_app}/readyz", timeout=30).json()
     assert (body["status"], body["tee"]) == ("ready", "tdx")
+    assert body["protections"] == {"confidential": True, "brokerTls": "verified",
+                                   "storeEncryption": "none", "storeTls": False,
+                                   "acceptedRisks": ["store_without_encryption"]}
+
+
+def test_jobs_run_end_to_end_over_rediss(secure_app, tls_redis):
+    """Submission (idempotency key in Redis), the queue (kombu) and the consumer (Celery)
+    all over TLS to a server that has no plain port."""
+    import redis
+
+    auth = {"Authorization": f"Bearer {API_KEYS[0]}"}
+    first = submit(secure_app, {"prompt": "over tls", "step": 1},
+                   headers={**auth, "Idempotency-Key": "tls-order-1"})
+    again = submit(secure_app, {"prompt": "over tls", "step": 1},
+                   headers={**auth, "Idempotency-Key": "tls-order-1"})
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert first.json()["id"] == again.json()["id"]
+    record = wait_done(first.json()["statusUrl"])
+    assert (record["status"], record["attempts"]) == ("succeeded", 1)
+    keys = redis.Redis.from_url(tls_redis.url).keys("secure-jobs:idempotency:*")
+    assert len(keys) == 1
+
+
+def test_a_wrong_ca_refuses_to_start(deployed, tls_redis, tmp_path):
+    from ray import serve
+
+    from tests.tls_certs import make_ca
+
+    other_ca, _ = make_ca(tmp_path / "other-ca", name="other-ca")
+    url = tls_redis.url.replace(tls_redis.tls.ca_file, str(other_ca))
+    with pytest.raises(RuntimeError) as info:
+        deployed("wrong-ca", fake_args(
+            tmp_path / "store",
+            security={"require_tee": True, "tee_probe": "serve_app.testing:tee_present",
+                      "accept_risks": ["store_without_encryption"]},
+            jobs={"broker": {"url": url}}))
+    assert "Failed to update the deployments" in str(info.value)
+    status = serve.status().applications["wrong-ca"].deployments
+    # The ingress checks at start-up (the consumer, scaled to zero here, checks the same).
+    assert ("jobs.broker.url: the Redis server's TLS certificate is not trusted"
+            in status["Ingress"].message), status["Ingress"].message
+    assert tls_redis.url.split("?")[0] not in status["Ingress"].message
+
+
+def test_a_clear_broker_in_confidential_mode_refuses_to_start(deployed, tmp_path):
+    from serve_app.confidential import ConfidentialModeError
+
+    # The test broker (redis://) and a local store, named in the config: the app builder
+    # refuses before any replica starts.
+    with pytest.raises(ConfidentialModeError) as info:
+        deployed("clear-broker", fake_args(
+            tmp_path, security={"require_tee": True,
+                                "tee_probe": "serve_app.testing:tee_present"}))
+    assert str(info.value).startswith(
+        "confidential mode (security.require_tee) refuses to start: jobs.broker.url is not "
+        "rediss:// (prompts would cross the network in clear); use rediss://")
+    assert "store.url is not an s3:// bucket" in str(info.value)
 
 
 def test_require_tee_outside_a_tee_refuses_to_start(deployed, tmp_path):
@@ -54,7 +116,10 @@ def test_require_tee_outside_a_tee_refuses_to_start(deployed, tmp_path):
 
     with pytest.raises(RuntimeError) as info:
         deployed("no-tee", fake_args(
-            tmp_path, security={"require_tee": True, "tee_probe": "serve_app.testing:tee_absent"}))
+            tmp_path, security={"require_tee": True, "tee_probe": "serve_app.testing:tee_absent",
+                                # The TEE check is the one under test here.
+                                "accept_risks": ["broker_without_tls",
+                                                 "store_without_encryption"]}))
     assert "Failed to update the deployments" in str(info.value)
     status = serve.status().applications["no-tee"].deployments
     assert "not an Intel TDX guest" in status["Text2ImageModel"].message

@@ -93,8 +93,8 @@ def test_the_embedded_broker_and_a_clear_keys_redis_are_refused():
     ({"url": "/var/lib/images"},
      "store.url is not an s3:// bucket (a local directory is not encrypted at rest)"),
     ({"url": "s3://bucket/images", "storage_options": {"endpoint_url": "https://oss"}},
-     "store.storage_options.s3_additional_kwargs has no ServerSideEncryption (aws:kms or "
-     "AES256)"),
+     "store.storage_options.s3_additional_kwargs has no ServerSideEncryption (KMS, aws:kms "
+     "or AES256)"),
     ({"url": "s3://bucket/images", "storage_options": {
         "endpoint_url": "http://oss-cn-hangzhou-internal.aliyuncs.com",
         "s3_additional_kwargs": {"ServerSideEncryption": "AES256"}}},
