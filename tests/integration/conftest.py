@@ -48,8 +48,9 @@ def tls_redis(tmp_path_factory) -> Iterator["RedisProcess"]:
     by a CA the test made; `.url` is the rediss:// form the README documents. The CA file
     is `.tls.ca_file`; `tls_folder` beside it holds room for other test CAs."""
     from serve_app.jobs.redis_server import RedisProcess, RedisTls
-    from tests.tls_certs import make_server_tls
+    from tests.tls_certs import make_server_tls, require_tls_redis_server
 
+    require_tls_redis_server()
     folder = tmp_path_factory.mktemp("redis-tls")
     files = make_server_tls(folder / "tls")
     server = RedisProcess(free_port(), str(folder / "data"), owned_by_parent=False,

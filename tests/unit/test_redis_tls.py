@@ -13,7 +13,7 @@ import pytest
 
 from serve_app.confidential import UntrustedCertificate, check_certificate, redis_tls
 from serve_app.config import AppConfig
-from tests.tls_certs import make_ca, make_server_tls
+from tests.tls_certs import make_ca, make_server_tls, require_tls_redis_server
 
 
 def _free_port() -> int:
@@ -26,6 +26,7 @@ def _free_port() -> int:
 def tls_redis(tmp_path_factory):
     from serve_app.jobs.redis_server import RedisProcess, RedisTls
 
+    require_tls_redis_server()
     folder = tmp_path_factory.mktemp("redis-tls")
     files = make_server_tls(folder / "tls")
     server = RedisProcess(_free_port(), str(folder / "data"), owned_by_parent=False,
