@@ -51,8 +51,8 @@ def redis_tls(url: str) -> BrokerTls:
     if parts.scheme != "rediss":
         return "none"
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    cert_reqs = query.get("ssl_cert_reqs", "").lower()
-    if cert_reqs not in ("required", "cert_required"):
+    # "required" exactly: kombu also reads CERT_REQUIRED, redis-py (the keys) does not.
+    if query.get("ssl_cert_reqs") != "required":
         return "unverified"
     if query.get("ssl_check_hostname", "true").lower() == "false":
         return "unverified"

@@ -88,3 +88,28 @@ def test_a_wrong_ca_is_refused_at_start_up(tls_redis):
 
     with pytest.raises(redis.exceptions.ConnectionError, match="certificate verify failed"):
         redis.Redis.from_url(url, socket_timeout=5).ping()
+
+
+def test_the_consumer_policy_reads_the_queue_length_over_rediss(tls_redis):
+    """The JobConsumer's autoscaling policy (on the Serve controller) reads the queue's
+    length with Ray's broker reader, which refuses rediss:// unless given Celery's
+    broker_use_ssl: QueueDepthPolicy hands it the URL's TLS settings."""
+    from serve_app.config import BrokerConfig
+    from serve_app.jobs.broker import JobQueue, QueueDepthPolicy
+
+    server, _ = tls_redis
+    broker = {"url": server.url, "queue_name": "tls-policy-q"}
+    queue = JobQueue(AppConfig.model_validate({"jobs": {"broker": broker}}))
+    queue.enqueue("1" * 32, "http://h")
+    queue.enqueue("2" * 32, "http://h")
+    policy = QueueDepthPolicy(BrokerConfig.model_validate(broker).model_dump(mode="json"),
+                              poll_interval_s=1.0, running_metric="jobs_running")
+    policy._ensure_broker()
+    try:
+        kwargs = policy._broker.redis.connection_pool.connection_kwargs
+        assert (kwargs["ssl_cert_reqs"], kwargs["ssl_ca_certs"]) == ("required",
+                                                                     server.tls.ca_file)
+        assert asyncio.run(policy._broker.queues(["tls-policy-q"])) == [
+            {"name": "tls-policy-q", "messages": 2}]
+    finally:
+        policy._broker.close()
