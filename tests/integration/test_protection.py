@@ -27,8 +27,9 @@ def secure_app(serve_url, tls_redis, tmp_path_factory):
         security={"api_keys_env": API_KEYS_ENV, "protect_images": True,
                   "require_tee": True, "tee_probe": "serve_app.testing:tee_present",
                   "accept_risks": ["store_without_encryption"]},
-        jobs={"broker": {"url": tls_redis.url, "queue_name": "secure-jobs"},
-              "consumer": {"min_replicas": 1}},
+        # No consumer replica until a job is queued: the autoscaling policy must read the
+        # queue's length over TLS too.
+        jobs={"broker": {"url": tls_redis.url, "queue_name": "secure-jobs"}},
     )) as url:
         yield url
 
@@ -58,8 +59,9 @@ def test_ready_reports_the_tee(secure_app):
 
 
 def test_jobs_run_end_to_end_over_rediss(secure_app, tls_redis):
-    """Submission (idempotency key in Redis), the queue (kombu) and the consumer (Celery)
-    all over TLS to a server that has no plain port."""
+    """Submission (idempotency key in Redis), the queue (kombu), the consumer's scaling
+    from zero (the policy reads the queue's length) and the consumer (Celery) all over TLS
+    to a server that has no plain port."""
     import redis
 
     auth = {"Authorization": f"Bearer {API_KEYS[0]}"}
