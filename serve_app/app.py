@@ -11,9 +11,11 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app import confidential
 from serve_app.batching.deployment import Batcher
 from serve_app.config import AppConfig, load_config
 from serve_app.ingress.deployment import Ingress
+from serve_app.jobs.broker import confidential_urls
 from serve_app.jobs.consumer import (
     RUNNING_JOBS_METRIC,
     EmbeddedBrokerDeployment,
@@ -131,6 +133,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # model replica checks the directory where it loads it (resolve_model_dir), with the
     # same one-line error.
     config = load_config(args)
+    # What is known before any replica starts (a URL from a Secret is checked in them).
+    confidential.check(config, **confidential_urls(config, resolve_env=False))
     payload = config.model_dump(mode="json")
     # @serve.deployment turns each class into a Deployment; mypy keeps the class type.
     model = Text2ImageModel.options(  # type: ignore[attr-defined]

@@ -300,10 +300,16 @@ class JobsConfig(StrictModel):
     callback_attempts: int = Field(default=5, ge=1)
     callback_backoff_s: float = Field(default=1.0, ge=0)
     # Hosts a job's callbackUrl may name: exact host names or IPs, or "*.example.com" for
-    # its subdomains. null allows any host: set it when clients are not fully trusted,
-    # since the consumer POSTs wherever callbackUrl points, inside your network too.
+    # its subdomains. null allows any host that resolves to public addresses only.
     # Callbacks never follow redirects.
     callback_hosts: list[str] | None = None
+    # false (default): a callback host that resolves to loopback, private (RFC 1918,
+    # unique-local), link-local, carrier-grade NAT (100.64.0.0/10, where Alibaba Cloud's
+    # metadata service is), multicast or reserved addresses is refused, at submission and
+    # again when the callback is sent (serve_app/outbound.py). true lets callbacks reach
+    # such addresses (on-premises receivers): then any client that may submit jobs can make
+    # the service POST into your network, so pair it with callback_hosts.
+    callback_allow_private: bool = False
 
     @field_validator("callback_hosts")
     @classmethod
@@ -323,10 +329,27 @@ class SecurityConfig(StrictModel):
     api_keys_env: str | None = None
     # Image URLs are unguessable (uuid4) capability URLs; set this to require the key there too.
     protect_images: bool = False
-    # Confidential mode: refuse to start outside an Intel TDX guest.
+    # Confidential mode: refuse to start outside an Intel TDX guest, or when data leaves the
+    # TEE in clear: the job broker must be rediss:// with certificate verification, the
+    # store an s3:// bucket over https with server-side encryption (serve_app/confidential.py).
     require_tee: bool = False
+    # Confidential mode's protections waived by name, for users who accept the risk:
+    # broker_without_tls (prompts in job payloads cross the network to Redis in clear),
+    # store_without_encryption (job records with their prompts, and images, stored
+    # unencrypted or sent in clear). /readyz lists them.
+    accept_risks: list[Literal["broker_without_tls", "store_without_encryption"]] = Field(
+        default_factory=list)
     # Import path of the TEE probe (a function returning "tdx" or None); tests replace it.
     tee_probe: str = "serve_app.tee:detect_tee"
+
+    @model_validator(mode="after")
+    def _risks_in_confidential_mode(self) -> SecurityConfig:
+        if self.accept_risks and not self.require_tee:
+            raise ValueError("security.accept_risks waives confidential-mode checks: it needs "
+                             "security.require_tee: true")
+        if len(set(self.accept_risks)) != len(self.accept_risks):
+            raise ValueError("security.accept_risks lists a risk twice")
+        return self
 
 
 class AppConfig(StrictModel):

@@ -21,13 +21,16 @@ SLOW_PROMPT_S = 3.0
 
 class FakeGenerator:
     def __init__(self, delay_s: float = 0.0, load_s: float = 0.0,
-                 executions_log: str | None = None) -> None:
+                 executions_log: str | None = None, prompts_log: str | None = None) -> None:
         # load_s: how long "loading the model" takes, as a real replica's start-up does.
         time.sleep(load_s)
         self.delay_s = delay_s
         # executions_log: a file that gets one line per finished call, its progress key
         # (a job's id): tests count how often each job really ran.
         self.executions_log = executions_log
+        # prompts_log: a file that gets each call's prompt, in the order the calls ran: the
+        # tests' view of what the model ran (the real replica keeps no prompts).
+        self.prompts_log = prompts_log
         self.info: dict[str, Any] = {
             "model": "fake", "backend": "fake", "dtype": "uint8", "device": "cpu",
             "threads": 1,
@@ -71,6 +74,9 @@ class FakeGenerator:
             lines = "".join(f"{item.progress_key or '-'}\n" for item in items)
             with open(self.executions_log, "a", encoding="utf-8") as log:
                 log.write(lines)
+        if self.prompts_log:
+            with open(self.prompts_log, "a", encoding="utf-8") as log:
+                log.write("".join(f"{item.prompt}\n" for item in items))
         return out
 
 

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from serve_app import confidential
 from serve_app.config import AppConfig
 from serve_app.errors import (
     InvalidRequest,
@@ -58,7 +59,7 @@ from serve_app.ingress.schemas import (
     error_responses,
 )
 from serve_app.ingress.streaming import StepRecords, generation_events, job_events
-from serve_app.jobs.broker import JobQueue, RedisKeys, keys_url
+from serve_app.jobs.broker import JobQueue, RedisKeys, confidential_urls, keys_url
 from serve_app.jobs.records import Image2ImageJobRequest, JobRequest
 from serve_app.jobs.service import JobService
 from serve_app.metrics import record_error
@@ -144,6 +145,12 @@ class Ingress:
         self.config = AppConfig.model_validate(config)
         security = self.config.security
         self.tee = check_tee(security.require_tee, security.tee_probe)
+        # The broker's URL is known here (from the environment too): confidential mode's
+        # checks of what leaves the TEE run before anything is sent.
+        urls = confidential_urls(self.config)
+        confidential.check(self.config, **urls)
+        confidential.check_certificates(urls)
+        self.protections = confidential.protections(self.config, urls["broker"], urls["keys"])
         self.api_keys = ApiKeys.from_env(security.api_keys_env)
         # Generation goes through the batching deployment; the model is asked only for its
         # info (/readyz).
@@ -218,6 +225,7 @@ class Ingress:
             "device": info.get("device"),
             "threads": info.get("threads"),
             "tee": info.get("tee"),
+            "protections": self.protections,
             "optimizations": {"applied": info.get("optimizations", []),
                               "skipped": info.get("optimizations_skipped", {})},
             "warnings": info.get("warnings", []),

@@ -120,6 +120,18 @@ class Optimizations(BaseModel):
     skipped: dict[str, str] = Field(description="Levers left off, with the reason.")
 
 
+class Protections(BaseModel):
+    confidential: bool = Field(description="security.require_tee is on.")
+    brokerTls: Literal["verified", "unverified", "none"] | None = Field(
+        description="TLS to the jobs' Redis (the weakest of broker and keys): verified "
+                    "certificate, unverified, or none (clear text).")
+    storeEncryption: str = Field(
+        description="Server-side encryption asked for on every store write (aws:kms, "
+                    "AES256) or none.")
+    storeTls: bool = Field(description="The store is an s3:// bucket reached over https.")
+    acceptedRisks: list[str] = Field(description="security.accept_risks.")
+
+
 class ReadyResponse(BaseModel):
     """The /readyz body once a model replica has loaded and warmed up (the model replica's
     info; fields it did not report are null)."""
@@ -136,6 +148,9 @@ class ReadyResponse(BaseModel):
     device: str | None = None
     threads: int | None = None
     tee: str | None = None
+    protections: Protections = Field(
+        description="Confidential mode's protections of data leaving the TEE (README, "
+                    "Security).")
     optimizations: Optimizations
     warnings: list[str]
 

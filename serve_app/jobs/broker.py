@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from ray.serve.async_inference_autoscaling_policy import AsyncInferenceAutoscalingPolicy
 from ray.serve.config import AutoscalingContext
@@ -69,6 +70,40 @@ def _keys_placeholder(cfg: BrokerConfig) -> str:
     if cfg.keys_url_env:
         return ENV_PREFIX + cfg.keys_url_env
     return cfg.keys_url or _broker_placeholder(cfg)
+
+
+def redis_ssl_options(url: str) -> dict[str, Any]:
+    """A rediss:// URL's TLS query parameters as redis-py's keyword arguments."""
+    query = {key: values[-1] for key, values in parse_qs(urlsplit(url).query).items()}
+    options: dict[str, Any] = {key: unquote(value) for key, value in query.items()
+                               if key in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile",
+                                          "ssl_keyfile")}
+    if "ssl_check_hostname" in query:
+        options["ssl_check_hostname"] = query["ssl_check_hostname"].lower() != "false"
+    return options
+
+
+def _source(url: str | None, env: str | None, field: str) -> str:
+    """How an error names a URL: its setting or its environment variable, never the URL
+    (it may carry a password)."""
+    if env:
+        return f"jobs.broker.{field}_env ({env})"
+    return "jobs.broker.url (embedded)" if url == "embedded" else f"jobs.broker.{field}"
+
+
+def confidential_urls(config: AppConfig, *, resolve_env: bool = True) -> dict[str, Any]:
+    """The Redis URLs the jobs use, named, for serve_app.confidential's checks. The keys
+    URL only when it is not the broker's own. `resolve_env` False (the app builder, where a
+    Secret's variable may be unset): URLs from the environment are left out (None)."""
+    cfg = config.jobs.broker
+    out: dict[str, Any] = {"broker": None, "broker_source": _source(cfg.url, cfg.url_env, "url"),
+                           "keys": None, "keys_source": _source(cfg.keys_url, cfg.keys_url_env,
+                                                                "keys_url")}
+    if resolve_env or not cfg.url_env:
+        out["broker"] = broker_url(cfg)
+    if (cfg.keys_url or cfg.keys_url_env) and (resolve_env or not cfg.keys_url_env):
+        out["keys"] = keys_url(cfg)
+    return out
 
 
 def failed_queue(cfg: BrokerConfig) -> str:
@@ -199,6 +234,18 @@ class QueueDepthPolicy(AsyncInferenceAutoscalingPolicy):
                          rabbitmq_management_url=cfg.management_url,
                          poll_interval_s=poll_interval_s)
         self.running_metric = running_metric
+
+    def _ensure_broker(self) -> None:
+        # Ray's queue-length reader takes a rediss:// broker's TLS settings only as Celery's
+        # broker_use_ssl (it ignores the URL's query, and refuses rediss:// without them):
+        # they are read from the URL here, the form kombu and redis-py read themselves.
+        if getattr(self, "_broker", None) is None and urlsplit(
+                self._broker_url).scheme == "rediss":
+            from ray.serve._private.broker import Broker
+
+            self._broker = Broker(self._broker_url,
+                                  broker_use_ssl=redis_ssl_options(self._broker_url))
+        super()._ensure_broker()
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int | float, dict[str, Any]]:
         # Jobs being run are off the queue (unacknowledged) and are no HTTP requests either:

@@ -17,9 +17,10 @@ from typing import Any
 from ray import serve
 from ray.serve.task_consumer import task_consumer, task_handler
 
+from serve_app import confidential
 from serve_app.config import AppConfig
 from serve_app.ingress.generation import GenerationService
-from serve_app.jobs.broker import RUN_JOB_TASK, task_processor_config
+from serve_app.jobs.broker import RUN_JOB_TASK, confidential_urls, task_processor_config
 from serve_app.jobs.redis_server import RedisProcess
 from serve_app.jobs.service import JobRunner
 from serve_app.store import ImageStore
@@ -36,6 +37,9 @@ class JobConsumer:
         # It reads the job's request (the prompt): confidential mode covers it as it covers
         # the ingress.
         check_tee(self.config.security.require_tee, self.config.security.tee_probe)
+        urls = confidential_urls(self.config)
+        confidential.check(self.config, **urls)
+        confidential.check_certificates(urls)
         store_cfg = self.config.store
         store = ImageStore(store_cfg.url or "", store_cfg.storage_options)
         generation = GenerationService(batcher, store, self.config)

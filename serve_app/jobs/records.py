@@ -10,12 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.request
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, HttpUrl
 
 from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
+from serve_app.outbound import (
+    BlockedDestination,
+    Connector,
+    Resolver,
+    check_url,
+    open_connection,
+    system_resolver,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -110,31 +117,31 @@ def callback_host_allowed(host: str | None, allowed: list[str] | None) -> bool:
     return False
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect would let a callback reach a host the allow-list never saw."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_CALLBACK_OPENER = urllib.request.build_opener(_NoRedirects)
-
-
-def post_callback(url: str, payload: dict[str, Any], attempts: int,
-                  backoff_s: float) -> bool:
-    """POST the payload; retry on errors and non-2xx with exponential backoff. Redirects
-    are not followed (a 3xx counts as a failed attempt)."""
+def post_callback(url: str, payload: dict[str, Any], attempts: int, backoff_s: float, *,
+                  allow_private: bool = False, resolver: Resolver = system_resolver,
+                  connector: Connector | None = None) -> bool:
+    """POST the payload; retry on errors and non-2xx with exponential backoff. Each attempt
+    resolves the host once, checks the addresses (serve_app.outbound) and connects to the
+    one checked; a host that now resolves to an address inside is not called at all.
+    Redirects are not followed (a 3xx counts as a failed attempt)."""
     body = json.dumps(payload).encode()
     for attempt in range(1, attempts + 1):
-        request = urllib.request.Request(url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
         try:
-            with _CALLBACK_OPENER.open(request, timeout=CALLBACK_TIMEOUT_S) as response:
-                if 200 <= response.status < 300:
-                    return True
+            dest = check_url(url, allow_private=allow_private, resolver=resolver)
+        except BlockedDestination as err:
+            logger.warning("callback refused: %s", err.reason)
+            return False
+        conn = open_connection(dest, CALLBACK_TIMEOUT_S, connector)
+        try:
+            conn.request("POST", dest.target, body=body,
+                         headers={"Content-Type": "application/json"})
+            if 200 <= conn.getresponse().status < 300:
+                return True
         except Exception as exc:
             logger.warning("callback attempt %d/%d failed: %s", attempt, attempts,
                            type(exc).__name__)
+        finally:
+            conn.close()
         if attempt < attempts:
             time.sleep(backoff_s * 2 ** (attempt - 1))
     return False

@@ -14,8 +14,10 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("ray.serve")
@@ -53,13 +55,26 @@ def _die_with_parent() -> None:
         pass
 
 
-def ping(port: int, timeout_s: float = 1.0) -> bool:
+def ping(port: int, timeout_s: float = 1.0, tls_ca: str | None = None) -> bool:
+    """PING over plain TCP, or over TLS verified against `tls_ca` (a TLS-only server)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as raw:
+            sock = (ssl.create_default_context(cafile=tls_ca).wrap_socket(
+                raw, server_hostname="127.0.0.1") if tls_ca else raw)
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS only (no plain port): the server's certificate and key, and the CA clients
+    verify it with."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
 
 
 class RedisProcess:
@@ -67,8 +82,9 @@ class RedisProcess:
     (`appendfsync always`: a job acknowledged to a client is on disk)."""
 
     def __init__(self, port: int, data_dir: str, *, owned_by_parent: bool = True,
-                 prefer_system: bool = False) -> None:
+                 prefer_system: bool = False, tls: RedisTls | None = None) -> None:
         self.port = port
+        self.tls = tls
         self.data_dir = data_dir
         self.owned_by_parent = owned_by_parent
         self.prefer_system = prefer_system
@@ -76,21 +92,33 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
+        if self.tls:
+            # The form kombu, Celery and redis-py all read (README, Security).
+            return (f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required"
+                    f"&ssl_ca_certs={self.tls.ca_file}")
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", self.tls.cert_file, "--tls-key-file", self.tls.key_file,
+                "--tls-ca-cert-file", self.tls.ca_file, "--tls-auth-clients", "no"]
 
     def start(self, timeout_s: float = 20.0) -> None:
         binary = find_redis_server(self.prefer_system)
         os.makedirs(self.data_dir, exist_ok=True)
         log = open(os.path.join(self.data_dir, "redis.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
+            [binary, *self._listen_args(), "--bind", "127.0.0.1", "--dir", self.data_dir,
              "--appendonly", "yes", "--appendfsync", "always", "--save", "",
              "--protected-mode", "yes", "--daemonize", "no"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if self.owned_by_parent else None)
         log.close()
         deadline = time.monotonic() + timeout_s
-        while not ping(self.port):
+        ca = self.tls.ca_file if self.tls else None
+        while not ping(self.port, tls_ca=ca):
             if self.proc.poll() is not None:
                 tail = Path(self.data_dir, "redis.log").read_text(errors="replace")[-500:]
                 raise RuntimeError(f"redis-server on 127.0.0.1:{self.port} exited "

@@ -45,6 +45,7 @@ from serve_app.jobs.records import (
     request_model,
     step_record_name,
 )
+from serve_app.outbound import BlockedDestination, Connector, Resolver, check_url, system_resolver
 
 logger = logging.getLogger("ray.serve")
 
@@ -122,20 +123,20 @@ class RecordStore:
 class JobService:
     """The ingress side: a job is recorded, its idempotency key claimed, then queued."""
 
-    def __init__(self, store: Any, config: AppConfig, queue: Queue, keys: Keys) -> None:
+    def __init__(self, store: Any, config: AppConfig, queue: Queue, keys: Keys, *,
+                 resolver: Resolver = system_resolver) -> None:
         self.records = RecordStore(store)
         self.config = config
         self.queue = queue
         self.keys = keys
+        self.resolver = resolver
 
     async def submit(self, body: JobRequest, idempotency_key: str | None,
                      base_url: str) -> tuple[JobRecord, bool]:
         """The job's record, and whether it was created now (False: an earlier submission
         with the same idempotency key made it)."""
-        if body.callbackUrl is not None and not callback_host_allowed(
-                body.callbackUrl.host, self.config.jobs.callback_hosts):
-            raise InvalidRequest("callbackUrl names a host this service may not call "
-                                 "(jobs.callback_hosts)", field="callbackUrl")
+        if body.callbackUrl is not None:
+            await self._check_callback(str(body.callbackUrl), body.callbackUrl.host)
         record = self._new_record(body, base_url)
         # The record is written before the key is claimed: a concurrent submission with the
         # same key that loses the claim can read the winner's record at once.
@@ -161,6 +162,20 @@ class JobService:
             raise JobsUnavailable("the job queue is unavailable; submit again later",
                                   retry_after_s=self.config.ingress.retry_after_s) from None
         return record, True
+
+    async def _check_callback(self, url: str, host: str | None) -> None:
+        cfg = self.config.jobs
+        if not callback_host_allowed(host, cfg.callback_hosts):
+            raise InvalidRequest("callbackUrl names a host this service may not call "
+                                 "(jobs.callback_hosts)", field="callbackUrl")
+        try:
+            # Resolves the host (blocking): off the event loop. The callback is checked
+            # again when it is sent, as DNS may answer differently then.
+            await asyncio.to_thread(check_url, url, allow_private=cfg.callback_allow_private,
+                                    resolver=self.resolver)
+        except BlockedDestination as err:
+            raise InvalidRequest(f"callbackUrl cannot be called: {err.reason} "
+                                 "(jobs.callback_allow_private)", field="callbackUrl") from None
 
     async def _claim(self, idempotency_key: str, job_id: str) -> JobRecord | None:
         """None: this job owns the key. Else the job the key's first submission made."""
@@ -207,10 +222,14 @@ class JobRunner:
     backoff) or JobFailed (final: dead-letter queue); returns when the job succeeded or
     had already ended (a second delivery of a finished job runs nothing)."""
 
-    def __init__(self, store: Any, config: AppConfig, generate: GenerateFn) -> None:
+    def __init__(self, store: Any, config: AppConfig, generate: GenerateFn, *,
+                 resolver: Resolver = system_resolver,
+                 connector: Connector | None = None) -> None:
         self.records = RecordStore(store)
         self.config = config
         self._generate = generate
+        self.resolver = resolver
+        self.connector = connector
 
     async def run(self, job_id: str, base_url: str) -> Outcome:
         cfg = self.config.jobs
@@ -298,5 +317,6 @@ class JobRunner:
         cfg = self.config.jobs
         record.callbackDelivered = await asyncio.to_thread(
             post_callback, record.callbackUrl or "", record.public(), cfg.callback_attempts,
-            cfg.callback_backoff_s)
+            cfg.callback_backoff_s, allow_private=cfg.callback_allow_private,
+            resolver=self.resolver, connector=self.connector)
         await self.records.save(record)

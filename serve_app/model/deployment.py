@@ -19,6 +19,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app import confidential
 from serve_app.batching.autoscaling import BACKLOG_METRIC
 from serve_app.batching.policy import plan_pipeline_calls, scatter
 from serve_app.config import AppConfig
@@ -42,8 +43,11 @@ class Text2ImageModel:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
         security = self.config.security
-        # Prompts and pixels live here: in confidential mode this process must be in a TEE.
+        # Prompts and pixels pass through here: in confidential mode this process must be in
+        # a TEE. None is kept past the call that needs it (stats() has no prompts).
         tee = check_tee(security.require_tee, security.tee_probe)
+        # It writes previews and step counts to the store (no broker here).
+        confidential.check(self.config)
         started = time.perf_counter()
         factory = load_factory(self.config.model.generator)
         self.generator: ImageGenerator = factory(self.config)
@@ -54,7 +58,6 @@ class Text2ImageModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
         self._pipeline_calls = 0
-        self._prompts: deque[str] = deque(maxlen=BATCH_HISTORY)
         # (width, height, steps) of each call, per batch: what the batcher handed over.
         self._batch_shapes: deque[list[tuple[int, int, int]]] = deque(maxlen=BATCH_HISTORY)
         self._progress: LatestValueWriter | None = None
@@ -123,7 +126,7 @@ class Text2ImageModel:
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self._batch_sizes), "pipeline_calls": self._pipeline_calls,
-                "prompts": list(self._prompts), "batch_shapes": list(self._batch_shapes)}
+                "batch_shapes": list(self._batch_shapes)}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metric (batching/autoscaling.py): the batcher's backlog when
@@ -138,7 +141,6 @@ class Text2ImageModel:
         items = list(batch.calls)
         self._backlog = batch.backlog
         self._batch_sizes.append(len(items))
-        self._prompts.extend(item.prompt for item in items)
         self._batch_shapes.append([item.shape_key for item in items])
         groups = plan_pipeline_calls(items, self.config.batching.max_images_per_call)
         results: list[list[ModelResult]] = []

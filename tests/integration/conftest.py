@@ -42,6 +42,25 @@ def redis_server(tmp_path_factory) -> Iterator["RedisProcess"]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory) -> Iterator["RedisProcess"]:
+    """A second real redis-server, TLS only (--tls-port, --port 0), its certificate signed
+    by a CA the test made; `.url` is the rediss:// form the README documents. The CA file
+    is `.tls.ca_file`; `tls_folder` beside it holds room for other test CAs."""
+    from serve_app.jobs.redis_server import RedisProcess, RedisTls
+    from tests.tls_certs import make_server_tls, require_tls_redis_server
+
+    require_tls_redis_server()
+    folder = tmp_path_factory.mktemp("redis-tls")
+    files = make_server_tls(folder / "tls")
+    server = RedisProcess(free_port(), str(folder / "data"), owned_by_parent=False,
+                          prefer_system=True,
+                          tls=RedisTls(str(files.cert), str(files.key), str(files.ca)))
+    server.start()
+    yield server
+    server.stop()
+
+
 # The session's Redis URL: every application a test deploys queues its jobs there, each on
 # a queue of its own.
 TEST_BROKER: dict[str, str] = {}

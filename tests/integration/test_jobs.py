@@ -16,7 +16,10 @@ from tests.integration.test_load_and_faults import replica_actor_names
 
 # A consumer replica stays up (scaling from zero has its own test); a job whose consumer
 # died is delivered again after 30 s (its runs end within the 20 s request timeout).
+# The callback receiver is on loopback, which only callback_allow_private lets a callback
+# reach (the allow-list still limits it to 127.0.0.1).
 FAST_JOBS = {"callback_backoff_s": 0.1, "callback_hosts": ["127.0.0.1"],
+             "callback_allow_private": True,
              "consumer": {"min_replicas": 1}, "broker": {"visibility_timeout_s": 30.0}}
 FAST_INGRESS = {"request_timeout_s": 20.0}
 QUEUE = "jobs-module-queue"

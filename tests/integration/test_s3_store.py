@@ -87,3 +87,30 @@ def test_a_whole_job_runs_against_the_strict_oss_like_endpoint(deployed, tmp_pat
         assert keys == [f"images/{image_id}/{name}"
                         for name in ("0_0.png", "1_0.png", "image_grid.png")]
         assert standin.refused == []
+
+
+def test_every_object_the_service_writes_asks_for_server_side_encryption(deployed, moto_s3,
+                                                                          tmp_path):
+    """storage_options.s3_additional_kwargs ServerSideEncryption (what confidential mode
+    requires, and the tdx overlay sets to KMS for OSS): images, the grid and job records all
+    go up with the x-amz-server-side-encryption header (moto stores and reports it)."""
+    s3 = boto3.client("s3", endpoint_url=moto_s3, aws_access_key_id="test",
+                      aws_secret_access_key="test", region_name="us-east-1")
+    s3.create_bucket(Bucket="sse-images")
+    url = deployed("s3sse", fake_args(
+        tmp_path,
+        store={"url": "s3://sse-images/images",
+               "storage_options": {"endpoint_url": moto_s3, "key": "test", "secret": "test",
+                                   "s3_additional_kwargs": {"ServerSideEncryption": "KMS"}}},
+    ))
+    body = post(url, {"prompt": "p", "number": 2, "step": 1}).json()
+    job = httpx.post(f"{url}/api/jobs", json={"prompt": "j", "step": 1}, timeout=30).json()
+    from tests.integration.conftest import wait_done
+
+    assert wait_done(job["statusUrl"])["status"] == "succeeded"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="sse-images")["Contents"]]
+    assert f"images/{body['id']}/image_grid.png" in keys
+    assert f"images/jobs/job-{job['id']}.json" in keys
+    modes = {key: s3.head_object(Bucket="sse-images", Key=key).get("ServerSideEncryption")
+             for key in keys}
+    assert set(modes.values()) == {"KMS"}, modes

@@ -154,7 +154,11 @@ def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
     reason = body.pop("backendReason")
     common = {"status": "ready", "busy": False, "model": "embedded:tiny-sdxl",
               "dtype": choice.name, "cpu": caps.describe(), "device": "cpu", "threads": 2,
-              "tee": None, "warnings": []}
+              "tee": None, "warnings": [],
+              # The session's test broker is plain redis://, the store a local directory.
+              "protections": {"confidential": False, "brokerTls": "none",
+                              "storeEncryption": "none", "storeTls": False,
+                              "acceptedRisks": []}}
     if caps.cpu_class in OPENVINO_MEASURED_FASTER:
         assert reason.startswith("auto: OpenVINO 20")
         assert reason.endswith(f" measured fastest on {caps.cpu_class} CPUs "

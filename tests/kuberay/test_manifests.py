@@ -32,7 +32,7 @@ from tests.kuberay.manifests import (
 
 def test_every_yaml_file_parses() -> None:
     files = all_yaml_files()
-    assert len(files) == 22
+    assert len(files) == 23
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs, path

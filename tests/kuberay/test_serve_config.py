@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shlex
 
 import click
@@ -73,7 +74,31 @@ def test_serve_config_is_production_yaml(name: str) -> None:
 def test_tdx_serve_config_is_production_yaml_plus_require_tee() -> None:
     expected = in_cluster(production())
     expected["applications"][0]["args"]["security"] = {"require_tee": True}
+    # Confidential mode refuses an unencrypted store: every write asks OSS for SSE-KMS.
+    expected["applications"][0]["args"]["store"]["storage_options"][
+        "s3_additional_kwargs"] = {"ServerSideEncryption": "KMS"}
     assert serve_config(rayservice("overlays/tdx")) == expected
+
+
+def test_the_tdx_config_passes_confidential_mode_with_a_verified_rediss_secret(monkeypatch):
+    """What a TDX pod's replicas check at start: with the Secret's URL in the documented
+    rediss:// form it starts; with a redis:// URL it refuses (one line, no password)."""
+    from serve_app import confidential
+    from serve_app.jobs.broker import confidential_urls
+
+    [app] = serve_config(rayservice("overlays/tdx"))["applications"]
+    config = AppConfig.model_validate(app["args"])
+    monkeypatch.setenv("JOBS_BROKER_URL", "rediss://:pw@r-x.redis.rds.aliyuncs.com:6380/0"
+                                          "?ssl_cert_reqs=required"
+                                          "&ssl_ca_certs=/etc/redis-tls/ca.pem")
+    confidential.check(config, **confidential_urls(config))
+    assert confidential.protections(config, os.environ["JOBS_BROKER_URL"]) == {
+        "confidential": True, "brokerTls": "verified", "storeEncryption": "KMS",
+        "storeTls": True, "acceptedRisks": []}
+    monkeypatch.setenv("JOBS_BROKER_URL", "redis://:pw@r-x.redis.rds.aliyuncs.com:6379/0")
+    with pytest.raises(confidential.ConfidentialModeError,
+                       match=r"jobs.broker.url_env \(JOBS_BROKER_URL\) is not rediss://"):
+        confidential.check(config, **confidential_urls(config))
 
 
 def kuberay_resources(value: str) -> dict:
@@ -142,11 +167,14 @@ def test_args_validate_as_app_config(name: str) -> None:
     assert config.store.url.startswith("s3://")
     # Issue 20: OSS refuses botocore 1.36+'s default aws-chunked uploads (checksums only
     # where required), and serves buckets as virtual hosts (tests/unit/test_s3_strict.py).
+    # Issue 21: the tdx overlay encrypts every write at rest (SSE-KMS).
+    sse = {"s3_additional_kwargs": {"ServerSideEncryption": "KMS"}}
     assert config.store.storage_options == {
         "endpoint_url": "https://oss-cn-hangzhou-internal.aliyuncs.com",
         "config_kwargs": {"request_checksum_calculation": "when_required",
                           "response_checksum_validation": "when_required",
-                          "s3": {"addressing_style": "virtual"}}}
+                          "s3": {"addressing_style": "virtual"}},
+        **(sse if name == "overlays/tdx" else {})}
     assert config.security.require_tee is (name == "overlays/tdx")
 
 
@@ -252,9 +280,15 @@ def test_overlays_differ_from_base_only_where_intended() -> None:
     base = rayservice("base")
     for name, label in (("overlays/g8i", G8I_LABEL), ("overlays/tdx", TDX_LABEL)):
         service = copy.deepcopy(rayservice(name))
-        for template in pod_templates(service).values():
+        for group, template in pod_templates(service).items():
             assert template["spec"].pop("nodeSelector") == label
             template["spec"].pop("tolerations", None)
+            if name == "overlays/tdx" and group in ("head", "ingress"):
+                # The job Redis's CA, where Redis is talked to (redis-tls.yaml).
+                assert template["spec"].pop("volumes") == [
+                    {"name": "redis-ca", "secret": {"secretName": "sdxl-turbo-jobs-redis-ca"}}]
+                assert template["spec"]["containers"][0].pop("volumeMounts") == [
+                    {"name": "redis-ca", "mountPath": "/etc/redis-tls", "readOnly": True}]
         service["spec"]["serveConfigV2"] = base["spec"]["serveConfigV2"]
         assert service == base
 

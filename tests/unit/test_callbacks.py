@@ -65,8 +65,11 @@ def test_callbacks_do_not_follow_redirects():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        assert post_callback(f"{base}/hook", {"id": "x"}, attempts=2, backoff_s=0) is False
+        # The receiver is on loopback: only allow_private lets a callback reach it.
+        assert post_callback(f"{base}/hook", {"id": "x"}, attempts=2, backoff_s=0,
+                             allow_private=True) is False
         assert _Redirecting.hits == ["/hook", "/hook"]  # never /internal
-        assert post_callback(f"{base}/internal", {"id": "x"}, attempts=1, backoff_s=0)
+        assert post_callback(f"{base}/internal", {"id": "x"}, attempts=1, backoff_s=0,
+                             allow_private=True)
     finally:
         server.shutdown()

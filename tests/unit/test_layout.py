@@ -30,6 +30,9 @@ LIGHT = {
     "store.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
     "metrics.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
     "tee.py": HEAVY + ("serve_app.ingress", "serve_app.bench"),
+    # Outbound calls to client-given URLs (callbacks; ingress-side fetches): stdlib only.
+    "confidential.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
+    "outbound.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
 }
 
 

@@ -112,6 +112,8 @@ def test_ready_response_reads_a_real_readyz_body():
             "backend": "torch", "backendReason": "auto: OpenVINO not measured on avx512 CPUs",
             "dtype": "float32", "dtypeReason": "no native bf16",
             "cpu": "x86_64 avx2", "device": "cpu", "threads": 2, "tee": None,
+            "protections": {"confidential": False, "brokerTls": "none",
+                            "storeEncryption": "none", "storeTls": False, "acceptedRisks": []},
             "optimizations": {"applied": ["fuse_attention"],
                               "skipped": {"prepack_conv": "needs oneDNN bf16"}},
             "warnings": []}
