@@ -15,7 +15,7 @@ from typing import Any
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
 
-BACKLOG_METRIC = "backlog_batches"
+from serve_app.protocol import BACKLOG_METRIC
 
 
 def backlog_batches(ctx: AutoscalingContext) -> float:

@@ -27,8 +27,17 @@ from serve_app.errors import (
     install_error_handlers,
     to_response,
 )
+from serve_app.generation.requests import steps_per_call, validate_fields, validate_request
+from serve_app.generation.schemas import (
+    Image2ImageRequest,
+    Image2ImageResponse,
+    ReadyResponse,
+    Text2ImageRequest,
+    Text2ImageResponse,
+    error_responses,
+)
+from serve_app.generation.service import GenerationService
 from serve_app.ingress.auth import ApiKeys
-from serve_app.ingress.generation import GenerationService
 from serve_app.ingress.head_requests import HeadAsGet
 from serve_app.ingress.openai_api import (
     OpenAIEditRequest,
@@ -44,19 +53,8 @@ from serve_app.ingress.parsing import (
     parse_form,
     parse_request,
     read_body,
-    steps_per_call,
-    validate_fields,
-    validate_request,
 )
 from serve_app.ingress.readiness import ReadinessProbe
-from serve_app.ingress.schemas import (
-    Image2ImageRequest,
-    Image2ImageResponse,
-    ReadyResponse,
-    Text2ImageRequest,
-    Text2ImageResponse,
-    error_responses,
-)
 from serve_app.ingress.streaming import StepRecords, generation_events, job_events
 from serve_app.jobs.broker import JobQueue, RedisKeys, keys_url
 from serve_app.jobs.records import Image2ImageJobRequest, JobRequest
@@ -135,7 +133,8 @@ _JOB_BODY_SCHEMA = {"requestBody": {"required": True, "content": {"application/j
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    """Routes only: generation and jobs are plain services (generation.py, jobs/service.py)."""
+    """Routes only: generation and jobs are plain services (generation/service.py,
+    jobs/service.py)."""
 
     # job_deployments (JobConsumer, EmbeddedBroker) are never called from here: bound in,
     # they belong to the application (app.py).

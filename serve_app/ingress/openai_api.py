@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound
-from serve_app.ingress.generation import GenerationService
-from serve_app.ingress.parsing import validate_request
-from serve_app.ingress.schemas import MAX_SEED, Image2ImageRequest, Text2ImageRequest
+from serve_app.generation.requests import validate_request
+from serve_app.generation.schemas import MAX_SEED, Image2ImageRequest, Text2ImageRequest
+from serve_app.generation.service import GenerationService
 from serve_app.store import ImageStore
 
 OWNER = "sdxl-turbo-serve"

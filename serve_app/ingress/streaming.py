@@ -29,9 +29,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from serve_app.errors import NotFound, ServiceError, error_body
-from serve_app.jobs.records import JobRecord, step_record_name
-from serve_app.protocol import preview_record_name
-from serve_app.store import ImageStore
+from serve_app.jobs.records import JobRecord
+from serve_app.store import ImageStore, preview_record_name, step_record_name
 
 logger = logging.getLogger("ray.serve")
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
+from serve_app.generation.schemas import Image2ImageRequest, Text2ImageRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,15 +64,6 @@ class JobRecord(BaseModel):
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def record_name(job_id: str) -> str:
-    return f"job-{job_id}"
-
-
-def step_record_name(job_id: str, call_index: int) -> str:
-    """Where a model replica records the denoising steps done for one call of a job."""
-    return f"step-{job_id}-{call_index}"
 
 
 def dump(record: JobRecord) -> bytes:

@@ -4,7 +4,8 @@ import pytest
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.ingress.parsing import MAX_BODY_BYTES, parse_request, plan_calls
+from serve_app.generation.requests import plan_calls
+from serve_app.ingress.parsing import MAX_BODY_BYTES, parse_request
 
 CONFIG = AppConfig()
 REFERENCE = {"prompt": "A panda listening to music with headphones. highly detailed, 8k.",

@@ -17,7 +17,7 @@ from serve_app.errors import (
     error_body,
     install_error_handlers,
 )
-from serve_app.ingress.schemas import (
+from serve_app.generation.schemas import (
     ERROR_DESCRIPTIONS,
     ErrorDetail,
     ErrorResponse,

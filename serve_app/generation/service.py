@@ -24,14 +24,14 @@ from serve_app.errors import (
     NotSupported,
     Overloaded,
 )
-from serve_app.ingress.imaging import encode_png, make_grid
-from serve_app.ingress.parsing import plan_calls
-from serve_app.ingress.schemas import (
+from serve_app.generation.requests import plan_calls
+from serve_app.generation.schemas import (
     Image2ImageRequest,
     Image2ImageResponse,
     Text2ImageRequest,
     Text2ImageResponse,
 )
+from serve_app.imaging import encode_png, make_grid
 from serve_app.metrics import record_encode
 from serve_app.protocol import GenerationItem, ModelResult, Priority
 from serve_app.store import GRID_NAME, ImageStore, image_name
