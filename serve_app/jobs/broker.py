@@ -11,7 +11,6 @@ is picked up as soon as it is pushed, no polling delay).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import os
@@ -24,6 +23,7 @@ from ray.serve.task_processor import CeleryTaskProcessorAdapter
 
 from serve_app.config import AppConfig, BrokerConfig
 from serve_app.jobs.service import JobRetry
+from serve_app.ray_compat import with_more_requests
 
 logger = logging.getLogger("ray.serve")
 
@@ -205,8 +205,5 @@ class QueueDepthPolicy(AsyncInferenceAutoscalingPolicy):
         # counted as requests, they keep their replicas until they end.
         running = sum((ctx.aggregated_metrics or {}).get(self.running_metric, {}).values())
         if running > 0:
-            ctx = copy.copy(ctx)
-            # AutoscalingContext has no public way to change the request count it reports.
-            ctx._total_num_requests_value = ctx.total_num_requests + running
-            ctx.__dict__.pop("total_num_requests", None)  # its cached_property value
+            ctx = with_more_requests(ctx, running)
         return super().__call__(ctx)

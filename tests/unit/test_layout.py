@@ -39,10 +39,11 @@ LIGHT = {
     "tee.py": HEAVY + ("serve_app.ingress", "serve_app.bench"),
     "imaging.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
     "plugins.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
+    "ray_compat.py": HEAVY + ("serve_app.ingress", "serve_app.model", "serve_app.bench"),
 }
 # The shared modules: the bottom layer, below every package.
 SHARED = frozenset({"config", "errors", "metrics", "protocol", "store", "imaging", "plugins",
-                    "tee"})
+                    "tee", "ray_compat"})
 # Per package (or top-level module), the packages it may import besides itself: downward
 # edges only. Anything else (jobs -> ingress, model -> batching, ...) climbs back up.
 MAY_IMPORT: dict[str, frozenset[str]] = {
@@ -178,6 +179,34 @@ def test_the_model_package_borrows_nothing_from_the_other_rooms():
     metric, the factory loader) lives in the shared modules."""
     graph = package_graph()
     assert graph["model"] <= SHARED, sorted(graph["model"] - SHARED)
+
+
+def private_reaches(path: Path) -> list[str]:
+    """`x._name` where x is not self or cls: a reach into another object's internals."""
+    reaches = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            reaches.append(f"{path.relative_to(PACKAGE)}:{node.lineno} .{node.attr}")
+        elif (isinstance(node, ast.Attribute) and node.attr == "__dict__"
+              and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            reaches.append(f"{path.relative_to(PACKAGE)}:{node.lineno} .__dict__")
+    return reaches
+
+
+def test_ray_internals_are_reached_from_ray_compat_only():
+    """Every module that imports Ray, but ray_compat.py, reaches no other object's private
+    attribute (serve_app/ray_compat.py holds them, each with a test against the installed
+    Ray)."""
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "ray_compat.py" or "bench" in path.relative_to(PACKAGE).parts:
+            continue
+        if any(name == "ray" or name.startswith("ray.") for name in imported_modules(path)):
+            offences.extend(private_reaches(path))
+    assert offences == []
+    assert private_reaches(PACKAGE / "ray_compat.py") != []  # the check sees what it seeks
 
 
 def modules_of(entry: str) -> list[Path]:
