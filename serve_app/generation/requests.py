@@ -4,6 +4,8 @@ OpenAI translation and the job runner all go through them."""
 
 from __future__ import annotations
 
+import secrets
+import uuid
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -17,6 +19,18 @@ from serve_app.protocol import GenerationItem, Priority, denoising_steps
 
 RequestT = TypeVar("RequestT", bound=Text2ImageRequest)
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# Seeds drawn for requests that name none (reported back in meta.seed / the job record).
+RANDOM_SEEDS = 2**31
+
+
+def new_request_id() -> str:
+    """A request's id: its images' directory in the store, its log lines, its progress key."""
+    return uuid.uuid4().hex
+
+
+def seed_of(request: Text2ImageRequest) -> int:
+    """The request's seed, or a random one when it names none."""
+    return request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEEDS)
 
 
 def validate_request(data: Mapping[str, Any], config: AppConfig,

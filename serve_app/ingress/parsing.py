@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, TypeVar, overload
+from typing import Any
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
 
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.generation.requests import validate_request
-from serve_app.generation.schemas import Text2ImageRequest
+from serve_app.generation.requests import ModelT, validate_fields, validate_request
+from serve_app.generation.schemas import JSON_BODY, Text2ImageRequest
 
 MAX_BODY_BYTES = 64 * 1024
 # Multipart text fields that are numbers on the JSON side (a form sends only strings).
 INT_FORM_FIELDS = frozenset({"number", "step", "batch", "seed", "n", "output_compression",
                              "partial_images"})
 FLOAT_FORM_FIELDS = frozenset({"strength"})
-
-RequestT = TypeVar("RequestT", bound=Text2ImageRequest)
-
 
 async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
                     limit: int = MAX_BODY_BYTES) -> bytes:
@@ -39,24 +38,42 @@ async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
     return bytes(body)
 
 
-@overload
-def parse_request(body: bytes, config: AppConfig) -> Text2ImageRequest: ...
+async def read_request(request: Request, model: type[ModelT] | tuple[type[ModelT], ...],
+                       config: AppConfig) -> ModelT:
+    """Every route's body -> its validated request, one way for all of them: read within
+    the limit (64 KiB, or room for the input image where the model may carry one), decoded
+    as the model accepts it (JSON whatever the Content-Type; multipart/form-data with the
+    image as a file part; serve_app.generation.schemas.BodyFormat), validated (this
+    service's requests with the configured limits, others field by field).
 
-
-@overload
-def parse_request(body: bytes, config: AppConfig, model: type[RequestT],
-                  limit: int = ...) -> RequestT: ...
-
-
-def parse_request(body: bytes, config: AppConfig,
-                  model: type[Text2ImageRequest] = Text2ImageRequest,
-                  limit: int = MAX_BODY_BYTES) -> Text2ImageRequest:
-    """Raw body -> validated request (of `model`, Text2ImageRequest or a subclass such as
-    JobRequest). The Content-Type is ignored on purpose: `curl -d` sends
-    application/x-www-form-urlencoded and the reference docs use exactly that."""
-    if len(body) > limit:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes", field="body")
-    return validate_request(load_json_object(body), config, model)
+    Several models: the body is read as the one that carries an image when it has an
+    `image` field, else the one that does not (an async job: text- or image-to-image);
+    without an image the 64 KiB limit holds."""
+    variants = model if isinstance(model, tuple) else (model,)
+    formats = [getattr(v, "body_format", JSON_BODY) for v in variants]
+    limits = config.limits
+    limit = image_body_limit(limits) if any(f.image for f in formats) else MAX_BODY_BYTES
+    raw = await read_body(request.stream(), request.headers.get("content-length"), limit)
+    content_type = request.headers.get("content-type")
+    if any(f.multipart for f in formats) and is_multipart(content_type):
+        data = await parse_form(raw, content_type or "", "image", limits)
+        if not all(f.image_base64 for f in formats) and isinstance(data.get("image"), bytes):
+            data["image"] = base64.b64decode(data["image"])  # the file part's own bytes
+    elif not any(f.json for f in formats):
+        raise InvalidRequest("send multipart/form-data with the image as a file part",
+                             field="body")
+    else:
+        data = load_json_object(raw)
+    chosen, chosen_format = variants[0], formats[0]
+    if len(variants) > 1:
+        chosen, chosen_format = next(
+            ((v, f) for v, f in zip(variants, formats) if f.image == ("image" in data)),
+            (chosen, chosen_format))
+    if not chosen_format.image and len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
+    if issubclass(chosen, Text2ImageRequest):
+        return validate_request(data, config, chosen)
+    return validate_fields(data, chosen)
 
 
 def load_json_object(body: bytes) -> dict[str, Any]:

@@ -34,6 +34,14 @@ from serve_app.store import ImageStore, preview_record_name, step_record_name
 
 logger = logging.getLogger("ray.serve")
 
+# The OpenAPI description of every event-stream route's 200 response.
+EVENT_STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Server-Sent Events: `progress` per denoising step (`step`, `steps`, "
+                   "`elapsedSeconds`, `preview` when asked for), then `result` (the JSON "
+                   "body the plain endpoint returns) or `error`.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
 POLL_S = 0.1
 JOB_POLL_S = 0.25
 # A comment line now and then keeps proxies from closing a quiet stream (a queued job).

@@ -11,11 +11,11 @@ import json
 import logging
 import time
 import urllib.request
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from serve_app.generation.schemas import Image2ImageRequest, Text2ImageRequest
+from serve_app.generation.schemas import BodyFormat, Image2ImageRequest, Text2ImageRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,6 +31,9 @@ class JobRequest(Text2ImageRequest):
 class Image2ImageJobRequest(Image2ImageRequest, JobRequest):
     """An image-to-image job: the input image is kept in the job record (base64), so a
     job taken over by another ingress can run; it expires with the record (store.ttl_s)."""
+
+    # JSON only, as every job body (the image in base64).
+    body_format: ClassVar[BodyFormat] = BodyFormat(image=True)
 
 
 def request_model(request: dict[str, Any]) -> type[Text2ImageRequest]:

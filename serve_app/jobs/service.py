@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from serve_app.errors import (
     ServiceError,
     error_body,
 )
-from serve_app.generation.requests import steps_per_call
+from serve_app.generation.requests import seed_of, steps_per_call
 from serve_app.generation.schemas import Text2ImageRequest
 from serve_app.jobs.records import (
     JobRecord,
@@ -190,7 +189,7 @@ class JobService:
             id=job_id, createdAt=now, updatedAt=now,
             # JSON mode: an image-to-image input image is stored as base64.
             request=body.model_dump(exclude={"callbackUrl"}, mode="json"),
-            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+            seed=seed_of(body),
             progress=Progress(total=body.number * body.batch,
                               stepsTotal=body.number * steps_per_call(body)),
             callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,

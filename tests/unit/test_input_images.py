@@ -15,8 +15,9 @@ from serve_app.config import AppConfig, LimitsConfig
 from serve_app.errors import InvalidImage, InvalidRequest, PayloadTooLarge
 from serve_app.generation.image_input import check_input_image, read_header
 from serve_app.generation.schemas import Image2ImageRequest
-from serve_app.ingress.parsing import parse_form, parse_request
+from serve_app.ingress.parsing import parse_form
 from serve_app.model.input_image import InvalidInputImage, decode_input_image
+from tests.unit.test_request_parsing import parse_request
 
 LIMITS = LimitsConfig()
 
