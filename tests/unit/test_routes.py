@@ -121,3 +121,33 @@ def test_openai_edits_take_multipart_only_and_the_image_as_a_file():
             b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--b--\r\n")
     edit = read(form, OpenAIEditRequest, "multipart/form-data; boundary=b")
     assert (edit.prompt, edit.image) == ("a cat", image)
+
+
+def test_a_route_reaches_the_replicas_services_and_answers_as_before():
+    """In-process, no Ray: the native text-to-image route over a GenerationService with a
+    fake batcher (the request id and the seed are the service's own defaults)."""
+    from serve_app.ingress.auth import ApiKeys
+    from tests.unit.test_services import FakeBatcher, service
+
+    batcher = FakeBatcher()
+    generation = service(batcher)
+    services = IngressServices(config=generation.config, api_keys=ApiKeys(["k"]),
+                               store=generation.store, generation=generation, jobs=None,
+                               openai=None, readiness=None)  # type: ignore[arg-type]
+    client = TestClient(build_http_app(services))
+    refused = client.post("/api/text2image", json={"prompt": "p"})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (401, "unauthorized")
+    answer = client.post("/api/text2image", json={"prompt": "p", "seed": 7, "number": 2},
+                         headers={"Authorization": "Bearer k"})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert (body["meta"]["input"]["seed"], len(body["output"]), len(body["id"])) == (7, 2, 32)
+    assert [c.seed for c in batcher.calls] == [7, 7]
+    assert answer.headers["Server-Timing"].startswith("pipeline;dur=")
+    assert body["output"][0]["url"] == f"http://testserver/images/{body['id']}/0_0.png"
+    image = client.get(body["output"][0]["url"].removeprefix("http://testserver"),
+                       headers={"Authorization": "Bearer k"})
+    assert (image.status_code, image.content[:8]) == (200, b"\x89PNG\r\n\x1a\n")
+    unseeded = client.post("/api/text2image", json={"prompt": "p"},
+                           headers={"Authorization": "Bearer k"}).json()
+    assert unseeded["meta"]["input"]["seed"] == batcher.calls[-1].seed
