@@ -4,8 +4,8 @@ Ray 2.60 has no public API for these two, so they read private attributes; each 
 against the installed Ray (tests/unit/test_ray_compat.py, and with a running Serve
 tests/integration/test_ray_compat.py) that fails loudly when an upgrade moves them. When one
 is gone at run time nothing fails silently: the caller gets a visible "unknown" (None, or no
-wait), one warning per reach in the replica's log, and the counter
-`ray_sdxl_ray_compat_degraded_total{reach}` on every use.
+wait), one warning per reach in the replica's log, and the gauge
+`ray_sdxl_ray_compat_degraded{reach}` goes to 1 (it reads 0 once the reach has worked).
 
 * `known_replicas(handle)`: replicas a deployment handle's router knows of (the batcher
   forms a batch only when one of them is free). A public way would be a custom request
@@ -38,31 +38,41 @@ RESPONSE_ASSIGNED = "response_assigned"
 
 _lock = threading.Lock()
 _warned: set[str] = set()
-_counter: Any = None
+# reach -> the gauge value last set (set only when it changes: these run once per batch).
+_state: dict[str, int] = {}
+_gauge: Any = None
+
+
+def _report(reach: str, degraded: int) -> None:
+    global _gauge
+    with _lock:
+        if _state.get(reach) == degraded:
+            return
+        _state[reach] = degraded
+    try:
+        with _lock:
+            if _gauge is None:
+                from ray.serve import metrics
+
+                _gauge = metrics.Gauge(
+                    RAY_COMPAT_DEGRADED,
+                    description="1 while a Ray internal this replica reads is missing from "
+                                "the installed Ray (serve_app/ray_compat.py), by reach.",
+                    tag_keys=("reach",))
+        _gauge.set(degraded, tags={"reach": reach})
+    except Exception:  # a metrics failure (no replica context) must not break the caller
+        logger.debug("ray_compat: could not set %s", RAY_COMPAT_DEGRADED)
 
 
 def _degraded(reach: str, detail: str) -> None:
-    """A private reach is gone: warn once per process and reach, count every time."""
-    global _counter
+    """A private reach is gone: warn once per process and reach; the gauge goes to 1."""
     with _lock:
         first = reach not in _warned
         _warned.add(reach)
     if first:
         logger.warning("ray_compat: %s is unavailable in this Ray (%s); running without it "
                        "(see serve_app/ray_compat.py)", reach, detail)
-    try:
-        with _lock:
-            if _counter is None:
-                from ray.util import metrics
-
-                _counter = metrics.Counter(
-                    RAY_COMPAT_DEGRADED,
-                    description="Uses of a Ray internal that this Ray lacks, by reach "
-                                "(serve_app/ray_compat.py).",
-                    tag_keys=("reach",))
-        _counter.inc(tags={"reach": reach})
-    except Exception:  # pragma: no cover - a metrics failure must not break the caller
-        pass
+    _report(reach, 1)
 
 
 def known_replicas(handle: Any) -> int | None:
@@ -75,10 +85,12 @@ def known_replicas(handle: Any) -> int | None:
         request_router = router._asyncio_router.request_router
         if request_router is None:
             return None
-        return len(request_router.curr_replicas)
+        count = len(request_router.curr_replicas)
     except AttributeError as exc:
         _degraded(HANDLE_REPLICAS, f"{type(exc).__name__}: {exc}")
         return None
+    _report(HANDLE_REPLICAS, 0)
+    return count
 
 
 async def wait_assigned(response: Any) -> None:
@@ -90,6 +102,7 @@ async def wait_assigned(response: Any) -> None:
                   f"{type(response).__name__} has no _fetch_future_result_async")
         return
     await fetch()
+    _report(RESPONSE_ASSIGNED, 0)
 
 
 def with_more_requests(ctx: AutoscalingContext, extra: float) -> AutoscalingContext:

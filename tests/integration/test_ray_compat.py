@@ -33,5 +33,8 @@ def test_a_handle_knows_its_replicas_and_a_response_its_assignment(serve_url, ca
 
         assert asyncio.run(assigned_then_result()) == 7
         assert [r for r in caplog.records if "ray_compat" in r.getMessage()] == []
+        # Both reaches worked: their degraded gauge reads 0.
+        assert ray_compat._state == {ray_compat.HANDLE_REPLICAS: 0,
+                                     ray_compat.RESPONSE_ASSIGNED: 0}
     finally:
         serve.delete("ray-compat")

@@ -44,16 +44,19 @@ class _Moved:
 
 def test_a_moved_router_degrades_visibly(caplog):
     ray_compat._warned.clear()
+    ray_compat._state.clear()
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         assert ray_compat.known_replicas(_Moved()) is None
         assert ray_compat.known_replicas(_Moved()) is None
     warnings = [r.getMessage() for r in caplog.records if "ray_compat" in r.getMessage()]
     assert len(warnings) == 1  # once per process and reach, counted every time
     assert warnings[0].startswith("ray_compat: handle_replica_count is unavailable")
+    assert ray_compat._state == {ray_compat.HANDLE_REPLICAS: 1}  # the gauge's value
 
 
 def test_a_response_without_the_wait_degrades_visibly(caplog):
     ray_compat._warned.clear()
+    ray_compat._state.clear()
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         assert asyncio.run(ray_compat.wait_assigned(object())) is None
     assert [r.getMessage() for r in caplog.records if "ray_compat" in r.getMessage()] == [
