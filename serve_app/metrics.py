@@ -33,6 +33,8 @@ ENCODE_TIME = "sdxl_png_encode_seconds"
 ERRORS = "sdxl_errors"
 QUEUE_DEPTH = "sdxl_queue_depth"
 DROPPED_CALLS = "sdxl_dropped_calls"
+# 1 while a Ray internal the batcher reads is missing (serve_app/ray_compat.py), by reach.
+RAY_COMPAT_DEGRADED = "sdxl_ray_compat_degraded"
 
 # name -> Prometheus type, for the dashboard test and the docs.
 METRICS: dict[str, str] = {
@@ -45,6 +47,7 @@ METRICS: dict[str, str] = {
     ERRORS: "counter",
     QUEUE_DEPTH: "gauge",
     DROPPED_CALLS: "counter",
+    RAY_COMPAT_DEGRADED: "gauge",
 }
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300]

@@ -17,6 +17,9 @@ Priority = Literal["interactive", "job"]
 Kind = Literal["txt2img", "img2img"]
 # (kind, width, height, steps, strength): calls that may share one pipeline call.
 BatchKey = tuple[str, int, int, int, float]
+# The custom autoscaling metric model replicas report (the batcher's backlog, in batches)
+# and the model deployment's policy reads (serve_app.batching.autoscaling).
+BACKLOG_METRIC = "backlog_batches"
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,6 @@ def denoising_steps(steps: int, strength: float) -> int:
     first int(steps - steps x strength) of the schedule (StableDiffusionXLImg2ImgPipeline
     .get_timesteps)."""
     return steps - int(max(steps - steps * strength, 0.0))
-
-
-def preview_record_name(key: str, call_index: int) -> str:
-    """Where a model replica writes the latest preview PNG of one call (beside its step
-    count, serve_app.jobs.records.step_record_name), for clients that asked for previews."""
-    return f"preview-{key}-{call_index}"
 
 
 def image_seed(seed: int, call_index: int, image_index: int) -> int:

@@ -27,8 +27,26 @@ IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_NAME = re.compile(r"^(?:\d{1,3}_\d{1,3}|image_grid)\.png$")
 GRID_NAME = "image_grid.png"
 RECORDS_DIR = "jobs"
+# Every record's name, and only those: the functions below make them.
 RECORD_NAME = re.compile(
     r"^(?:job-[0-9a-f]{32}|key-[0-9a-f]{64}|(?:step|preview)-[0-9a-f]{32}-\d{1,3})$")
+
+
+def job_record_name(job_id: str) -> str:
+    """An async job's record (serve_app.jobs.records.JobRecord)."""
+    return f"job-{job_id}"
+
+
+def step_record_name(key: str, call_index: int) -> str:
+    """Where a model replica records the denoising steps done for one call of a job or a
+    streamed request (its progress key)."""
+    return f"step-{key}-{call_index}"
+
+
+def preview_record_name(key: str, call_index: int) -> str:
+    """Where a model replica writes the latest preview PNG of one call (beside its step
+    count), for clients that asked for previews."""
+    return f"preview-{key}-{call_index}"
 
 
 def image_name(call_index: int, image_index: int) -> str:

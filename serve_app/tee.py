@@ -28,7 +28,7 @@ def detect_tee(device: Path = TDX_DEVICE, cpuinfo: Path = CPUINFO) -> str | None
 
 def check_tee(require: bool, probe_path: str) -> str | None:
     """Run the configured probe; refuse to go on without a TEE when one is required."""
-    from serve_app.model.generator import load_factory
+    from serve_app.plugins import load_factory
 
     tee = load_factory(probe_path)()
     if require and tee is None:

@@ -9,13 +9,13 @@ its delays and bounds (`replica.autoscaling`).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
 
-BACKLOG_METRIC = "backlog_batches"
+from serve_app.protocol import BACKLOG_METRIC
+from serve_app.ray_compat import with_more_requests
 
 
 def backlog_batches(ctx: AutoscalingContext) -> float:
@@ -28,11 +28,7 @@ def backlog_policy(ctx: AutoscalingContext) -> tuple[int | float, dict[str, Any]
     waiting = backlog_batches(ctx)
     if waiting <= 0:
         return replica_queue_length_autoscaling_policy(ctx)
-    adjusted = copy.copy(ctx)
-    # AutoscalingContext has no public way to change the request count it reports.
-    adjusted._total_num_requests_value = ctx.total_num_requests + waiting
-    adjusted.__dict__.pop("total_num_requests", None)  # its cached_property value
-    desired, state = replica_queue_length_autoscaling_policy(adjusted)
+    desired, state = replica_queue_length_autoscaling_policy(with_more_requests(ctx, waiting))
     # Within the deployment's bounds, whatever the backlog.
     bounded = min(max(desired, ctx.capacity_adjusted_min_replicas),
                   ctx.capacity_adjusted_max_replicas)

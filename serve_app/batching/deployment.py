@@ -27,6 +27,7 @@ from serve_app.batching.queue import BatchQueue, Pending, QueueFull
 from serve_app.config import AppConfig, BatchingConfig
 from serve_app.metrics import BatcherMetrics
 from serve_app.protocol import GenerationItem, ModelBatch, ModelResult
+from serve_app.ray_compat import known_replicas, wait_assigned
 
 logger = logging.getLogger("ray.serve")
 
@@ -88,7 +89,8 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while len(self._queue):
-                if self._running and len(self._running) >= self._known_replicas():
+                known = self._known_replicas()
+                if self._running and known is not None and len(self._running) >= known:
                     await self._wait_for_a_free_replica()
                 await self._wait_for_company()
                 batch = self._queue.next_batch()
@@ -101,14 +103,12 @@ class Batcher:
                     logger.exception("batch hand-over failed")
                     self._finish(batch, lambda _: ModelResult(error="batching_failed"))
 
-    def _known_replicas(self) -> int:
+    def _known_replicas(self) -> int | None:
         """Model replicas the handle's router knows of: with fewer of our batches running,
-        one is free (one batcher replica: exactly; several: nearly). Ray's handle has no
-        public count; without one, batches go as they form and may wait at the router."""
-        try:
-            return len(self._model._router._asyncio_router.request_router.curr_replicas)
-        except Exception:
-            return 1_000_000
+        one is free (one batcher replica: exactly; several: nearly). None (not known: Ray's
+        internals moved, logged and counted by ray_compat): batches go as they form and may
+        wait at the router."""
+        return known_replicas(self._model)
 
     async def _wait_for_a_free_replica(self) -> None:
         """A batch of ours runs on every replica: the next is formed when one of them ends,
@@ -148,7 +148,7 @@ class Batcher:
             ModelBatch(tuple(p.call for p in batch), backlog=len(self._queue)))
         try:
             # Resolves when the router has assigned the batch to a replica with a free slot.
-            await response._fetch_future_result_async()
+            await wait_assigned(response)
         except REPLICA_LOST as exc:
             self._lost(batch, exc)
             return

@@ -101,7 +101,7 @@ def generate(pipe: Any, prompts: list[str], seeds: list[int], *, steps: int, hei
              width: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
     import torch
 
-    from serve_app.model.pipeline import _to_uint8
+    from serve_app.model.diffusers_generator import _to_uint8
 
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     extra: dict[str, Any] = {}

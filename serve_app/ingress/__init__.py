@@ -1,2 +1,2 @@
-"""The HTTP ingress: routes, request parsing, schemas, auth, PNG encoding. Never imports
+"""The HTTP ingress: routes, body parsing, auth, streams, the OpenAI API. Never imports
 torch, diffusers or PIL (tests/unit/test_layout.py)."""

@@ -16,15 +16,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound
-from serve_app.ingress.generation import GenerationService
-from serve_app.ingress.parsing import validate_request
-from serve_app.ingress.schemas import MAX_SEED, Image2ImageRequest, Text2ImageRequest
+from serve_app.generation.requests import validate_request
+from serve_app.generation.schemas import (
+    MAX_SEED,
+    BodyFormat,
+    Image2ImageRequest,
+    Text2ImageRequest,
+)
+from serve_app.generation.service import GenerationService
 from serve_app.store import ImageStore
 
 OWNER = "sdxl-turbo-serve"
@@ -56,6 +61,12 @@ OPENAI_ERROR_DESCRIPTIONS = {
     503: "The batching queue is full (`Retry-After`).",
     504: "Generation took longer than `ingress.request_timeout_s`.",
 }
+
+
+# What OpenAI's SDKs parse: ImagesResponse.
+OPENAI_IMAGES_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "OpenAI's ImagesResponse: `created` and `data`, one `{url}` or "
+                   "`{b64_json}` per image."}}
 
 
 def openai_error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -99,6 +110,10 @@ class OpenAIImageRequest(BaseModel):
 
 class OpenAIEditRequest(OpenAIImageRequest):
     """Multipart fields of /v1/images/edits besides the `image` file part."""
+
+    # multipart/form-data only (the SDKs send it so); the image file's raw bytes.
+    body_format: ClassVar[BodyFormat] = BodyFormat(json=False, multipart=True, image=True,
+                                                   image_base64=False)
 
     image: bytes
     input_fidelity: str | None = None

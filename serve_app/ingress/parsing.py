@@ -1,30 +1,27 @@
-"""Request bodies to validated requests and model calls: plain functions, no Ray."""
+"""HTTP request bodies (JSON, multipart) to validated requests, read within their limits."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any, TypeVar, overload
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
 
-from serve_app.config import AppConfig, LimitsConfig, parse_size
-from serve_app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, field_of
-from serve_app.ingress.image_input import check_input_image
-from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
-from serve_app.protocol import GenerationItem, Priority, denoising_steps
+from serve_app.config import AppConfig, LimitsConfig
+from serve_app.errors import InvalidRequest, PayloadTooLarge
+from serve_app.generation.requests import ModelT, validate_fields, validate_request
+from serve_app.generation.schemas import JSON_BODY, Text2ImageRequest
 
 MAX_BODY_BYTES = 64 * 1024
 # Multipart text fields that are numbers on the JSON side (a form sends only strings).
 INT_FORM_FIELDS = frozenset({"number", "step", "batch", "seed", "n", "output_compression",
                              "partial_images"})
 FLOAT_FORM_FIELDS = frozenset({"strength"})
-
-RequestT = TypeVar("RequestT", bound=Text2ImageRequest)
-
 
 async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
                     limit: int = MAX_BODY_BYTES) -> bytes:
@@ -41,24 +38,42 @@ async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
     return bytes(body)
 
 
-@overload
-def parse_request(body: bytes, config: AppConfig) -> Text2ImageRequest: ...
+async def read_request(request: Request, model: type[ModelT] | tuple[type[ModelT], ...],
+                       config: AppConfig) -> ModelT:
+    """Every route's body -> its validated request, one way for all of them: read within
+    the limit (64 KiB, or room for the input image where the model may carry one), decoded
+    as the model accepts it (JSON whatever the Content-Type; multipart/form-data with the
+    image as a file part; serve_app.generation.schemas.BodyFormat), validated (this
+    service's requests with the configured limits, others field by field).
 
-
-@overload
-def parse_request(body: bytes, config: AppConfig, model: type[RequestT],
-                  limit: int = ...) -> RequestT: ...
-
-
-def parse_request(body: bytes, config: AppConfig,
-                  model: type[Text2ImageRequest] = Text2ImageRequest,
-                  limit: int = MAX_BODY_BYTES) -> Text2ImageRequest:
-    """Raw body -> validated request (of `model`, Text2ImageRequest or a subclass such as
-    JobRequest). The Content-Type is ignored on purpose: `curl -d` sends
-    application/x-www-form-urlencoded and the reference docs use exactly that."""
-    if len(body) > limit:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes", field="body")
-    return validate_request(load_json_object(body), config, model)
+    Several models: the body is read as the one that carries an image when it has an
+    `image` field, else the one that does not (an async job: text- or image-to-image);
+    without an image the 64 KiB limit holds."""
+    variants = model if isinstance(model, tuple) else (model,)
+    formats = [getattr(v, "body_format", JSON_BODY) for v in variants]
+    limits = config.limits
+    limit = image_body_limit(limits) if any(f.image for f in formats) else MAX_BODY_BYTES
+    raw = await read_body(request.stream(), request.headers.get("content-length"), limit)
+    content_type = request.headers.get("content-type")
+    if any(f.multipart for f in formats) and is_multipart(content_type):
+        data = await parse_form(raw, content_type or "", "image", limits)
+        if not all(f.image_base64 for f in formats) and isinstance(data.get("image"), bytes):
+            data["image"] = base64.b64decode(data["image"])  # the file part's own bytes
+    elif not any(f.json for f in formats):
+        raise InvalidRequest("send multipart/form-data with the image as a file part",
+                             field="body")
+    else:
+        data = load_json_object(raw)
+    chosen, chosen_format = variants[0], formats[0]
+    if len(variants) > 1:
+        chosen, chosen_format = next(
+            ((v, f) for v, f in zip(variants, formats) if f.image == ("image" in data)),
+            (chosen, chosen_format))
+    if not chosen_format.image and len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
+    if issubclass(chosen, Text2ImageRequest):
+        return validate_request(data, config, chosen)
+    return validate_fields(data, chosen)
 
 
 def load_json_object(body: bytes) -> dict[str, Any]:
@@ -78,64 +93,6 @@ def load_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object", field="body")
     return data
-
-
-def validate_request(data: Mapping[str, Any], config: AppConfig,
-                     model: type[RequestT]) -> RequestT:
-    """A decoded body -> the validated request, with the configured limits applied; an
-    image-to-image request's image is checked too (bytes, format, sides: no decoding)."""
-    request = validate_fields(data, model)
-    check_limits(request, config)
-    if isinstance(request, Image2ImageRequest):
-        check_image_request(request, config.limits)
-    return request
-
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def validate_fields(data: Mapping[str, Any], model: type[ModelT]) -> ModelT:
-    """Pydantic validation with its first error as a typed 422 naming the field."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = field_of(tuple(first["loc"]))
-        error = InvalidImage if field == "image" else InvalidRequest
-        raise error(first["msg"], field=field) from None
-
-
-def check_image_request(request: Image2ImageRequest, limits: LimitsConfig) -> None:
-    # SDXL-Turbo's rule: below 1 diffusers still runs one step, from a later point of
-    # the schedule than the strength asks for, so the request would not mean what it says.
-    if request.step * request.strength < 1:
-        raise InvalidRequest("step x strength must be at least 1", field="strength")
-    check_input_image(request.image, limits)
-
-
-def check_limits(request: Text2ImageRequest, config: AppConfig) -> None:
-    limits = config.limits
-    if request.size not in limits.allowed_sizes:
-        raise InvalidRequest(f"size must be one of {limits.allowed_sizes}", field="size")
-    if request.step > limits.max_steps:
-        raise InvalidRequest(f"step must be <= {limits.max_steps}", field="step")
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(f"prompt must be at most {limits.max_prompt_chars} characters",
-                             field="prompt")
-    if request.batch > config.batching.max_images_per_call:
-        raise InvalidRequest(
-            f"batch must be <= {config.batching.max_images_per_call} (images per model call)",
-            field="batch")
-    if request.number * request.batch > limits.max_images_per_request:
-        raise InvalidRequest(
-            f"number x batch must be <= {limits.max_images_per_request}", field="number")
-
-
-def steps_per_call(body: Text2ImageRequest) -> int:
-    """Denoising steps one call runs (image-to-image skips the first ones)."""
-    if isinstance(body, Image2ImageRequest):
-        return denoising_steps(body.step, body.strength)
-    return body.step
 
 
 def image_body_limit(limits: LimitsConfig) -> int:
@@ -203,20 +160,3 @@ def _form_value(name: str, text: str) -> Any:
         except ValueError:
             return text
     return text
-
-
-def plan_calls(request: Text2ImageRequest, seed: int, progress_key: str | None = None,
-               priority: Priority = "interactive",
-               preview: bool = False) -> list[GenerationItem]:
-    """`number` model calls of `batch` images each: the reference service's loop shape.
-    Separate calls may land in separate batches, on separate replicas."""
-    width, height = parse_size(request.size)
-    image = request.image if isinstance(request, Image2ImageRequest) else None
-    strength = request.strength if isinstance(request, Image2ImageRequest) else 1.0
-    return [
-        GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,
-                       seed=seed, call_index=i, count=request.batch,
-                       progress_key=progress_key, priority=priority, init_image=image,
-                       strength=strength, preview=preview)
-        for i in range(request.number)
-    ]

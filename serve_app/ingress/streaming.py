@@ -29,11 +29,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from serve_app.errors import NotFound, ServiceError, error_body
-from serve_app.jobs.records import JobRecord, step_record_name
-from serve_app.protocol import preview_record_name
-from serve_app.store import ImageStore
+from serve_app.jobs.records import JobRecord
+from serve_app.store import ImageStore, preview_record_name, step_record_name
 
 logger = logging.getLogger("ray.serve")
+
+# The OpenAPI description of every event-stream route's 200 response.
+EVENT_STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Server-Sent Events: `progress` per denoising step (`step`, `steps`, "
+                   "`elapsedSeconds`, `preview` when asked for), then `result` (the JSON "
+                   "body the plain endpoint returns) or `error`.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 POLL_S = 0.1
 JOB_POLL_S = 0.25

@@ -11,20 +11,19 @@ is picked up as soon as it is pushed, no polling delay).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import os
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ray.serve.async_inference_autoscaling_policy import AsyncInferenceAutoscalingPolicy
 from ray.serve.config import AutoscalingContext
 from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 from ray.serve.task_processor import CeleryTaskProcessorAdapter
 
 from serve_app.config import AppConfig, BrokerConfig
 from serve_app.jobs.service import JobRetry
+from serve_app.ray_compat import TlsQueueLengthPolicy, with_more_requests
 
 logger = logging.getLogger("ray.serve")
 
@@ -222,7 +221,7 @@ class RedisKeys:
             await self.client.delete(name)
 
 
-class QueueDepthPolicy(AsyncInferenceAutoscalingPolicy):
+class QueueDepthPolicy(TlsQueueLengthPolicy):
     """Serve's async-inference policy (queue length plus HTTP load against
     target_ongoing_requests, 0 replicas when both are empty) with the broker URL resolved
     where the policy runs (the controller), from the environment when the config says so."""
@@ -230,30 +229,19 @@ class QueueDepthPolicy(AsyncInferenceAutoscalingPolicy):
     def __init__(self, broker: dict[str, Any], poll_interval_s: float,
                  running_metric: str) -> None:
         cfg = BrokerConfig.model_validate(broker)
-        super().__init__(broker_url=broker_url(cfg), queue_name=cfg.queue_name,
-                         rabbitmq_management_url=cfg.management_url,
-                         poll_interval_s=poll_interval_s)
-        self.running_metric = running_metric
-
-    def _ensure_broker(self) -> None:
+        url = broker_url(cfg)
         # Ray's queue-length reader takes a rediss:// broker's TLS settings only as Celery's
-        # broker_use_ssl (it ignores the URL's query, and refuses rediss:// without them):
-        # they are read from the URL here, the form kombu and redis-py read themselves.
-        if getattr(self, "_broker", None) is None and urlsplit(
-                self._broker_url).scheme == "rediss":
-            from ray.serve._private.broker import Broker
-
-            self._broker = Broker(self._broker_url,
-                                  broker_use_ssl=redis_ssl_options(self._broker_url))
-        super()._ensure_broker()
+        # broker_use_ssl, read here from the URL (the form kombu and redis-py read themselves).
+        tls = redis_ssl_options(url) if urlsplit(url).scheme == "rediss" else None
+        super().__init__(broker_url=url, queue_name=cfg.queue_name,
+                         rabbitmq_management_url=cfg.management_url,
+                         poll_interval_s=poll_interval_s, broker_use_ssl=tls)
+        self.running_metric = running_metric
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int | float, dict[str, Any]]:
         # Jobs being run are off the queue (unacknowledged) and are no HTTP requests either:
         # counted as requests, they keep their replicas until they end.
         running = sum((ctx.aggregated_metrics or {}).get(self.running_metric, {}).values())
         if running > 0:
-            ctx = copy.copy(ctx)
-            # AutoscalingContext has no public way to change the request count it reports.
-            ctx._total_num_requests_value = ctx.total_num_requests + running
-            ctx.__dict__.pop("total_num_requests", None)  # its cached_property value
+            ctx = with_more_requests(ctx, running)
         return super().__call__(ctx)

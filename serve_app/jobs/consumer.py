@@ -19,7 +19,7 @@ from ray.serve.task_consumer import task_consumer, task_handler
 
 from serve_app import confidential
 from serve_app.config import AppConfig
-from serve_app.ingress.generation import GenerationService
+from serve_app.generation.service import GenerationService
 from serve_app.jobs.broker import RUN_JOB_TASK, confidential_urls, task_processor_config
 from serve_app.jobs.redis_server import RedisProcess
 from serve_app.jobs.service import JobRunner

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
+from serve_app.generation.schemas import BodyFormat, Image2ImageRequest, Text2ImageRequest
 from serve_app.outbound import (
     BlockedDestination,
     Connector,
@@ -38,6 +38,9 @@ class JobRequest(Text2ImageRequest):
 class Image2ImageJobRequest(Image2ImageRequest, JobRequest):
     """An image-to-image job: the input image is kept in the job record (base64), so a
     job taken over by another ingress can run; it expires with the record (store.ttl_s)."""
+
+    # JSON only, as every job body (the image in base64).
+    body_format: ClassVar[BodyFormat] = BodyFormat(image=True)
 
 
 def request_model(request: dict[str, Any]) -> type[Text2ImageRequest]:
@@ -71,15 +74,6 @@ class JobRecord(BaseModel):
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def record_name(job_id: str) -> str:
-    return f"job-{job_id}"
-
-
-def step_record_name(job_id: str, call_index: int) -> str:
-    """Where a model replica records the denoising steps done for one call of a job."""
-    return f"step-{job_id}-{call_index}"
 
 
 def dump(record: JobRecord) -> bytes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,8 +29,8 @@ from serve_app.errors import (
     ServiceError,
     error_body,
 )
-from serve_app.ingress.parsing import steps_per_call
-from serve_app.ingress.schemas import Text2ImageRequest
+from serve_app.generation.requests import seed_of, steps_per_call
+from serve_app.generation.schemas import Text2ImageRequest
 from serve_app.jobs.records import (
     JobRecord,
     JobRequest,
@@ -41,11 +40,10 @@ from serve_app.jobs.records import (
     load,
     lost_record,
     post_callback,
-    record_name,
     request_model,
-    step_record_name,
 )
 from serve_app.outbound import BlockedDestination, Connector, Resolver, check_url, system_resolver
+from serve_app.store import job_record_name, step_record_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,7 +79,7 @@ class RecordStore:
 
     async def load(self, job_id: str) -> JobRecord:
         try:
-            data = await asyncio.to_thread(self.store.get_record, record_name(job_id))
+            data = await asyncio.to_thread(self.store.get_record, job_record_name(job_id))
         except NotFound:
             raise NotFound("job not found") from None
         try:
@@ -96,10 +94,10 @@ class RecordStore:
 
     async def save(self, record: JobRecord) -> None:
         record.updatedAt = time.time()
-        await asyncio.to_thread(self.store.put_record, record_name(record.id), dump(record))
+        await asyncio.to_thread(self.store.put_record, job_record_name(record.id), dump(record))
 
     async def delete(self, job_id: str) -> None:
-        await asyncio.to_thread(self.store.delete_record, record_name(job_id))
+        await asyncio.to_thread(self.store.delete_record, job_record_name(job_id))
 
     async def steps_done(self, record: JobRecord) -> int:
         """Steps the model replicas have reported for a running job (read, not stored)."""
@@ -206,7 +204,7 @@ class JobService:
             id=job_id, createdAt=now, updatedAt=now,
             # JSON mode: an image-to-image input image is stored as base64.
             request=body.model_dump(exclude={"callbackUrl"}, mode="json"),
-            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+            seed=seed_of(body),
             progress=Progress(total=body.number * body.batch,
                               stepsTotal=body.number * steps_per_call(body)),
             callbackUrl=str(body.callbackUrl) if body.callbackUrl else None,

@@ -20,17 +20,16 @@ from typing import Any
 from ray import serve
 
 from serve_app import confidential
-from serve_app.batching.autoscaling import BACKLOG_METRIC
-from serve_app.batching.policy import plan_pipeline_calls, scatter
 from serve_app.config import AppConfig
-from serve_app.ingress.imaging import encode_png
-from serve_app.jobs.records import step_record_name
+from serve_app.imaging import encode_png
 from serve_app.metrics import ModelMetrics
-from serve_app.model.generator import ImageGenerator, PreviewCallback, load_factory
+from serve_app.model.batch_plan import plan_pipeline_calls, scatter
+from serve_app.model.generator import ImageGenerator, PreviewCallback
 from serve_app.model.input_image import InvalidInputImage, decode_input_image
 from serve_app.model.step_progress import LatestValueWriter
-from serve_app.protocol import GenerationItem, ModelBatch, ModelResult, preview_record_name
-from serve_app.store import ImageStore
+from serve_app.plugins import load_factory
+from serve_app.protocol import BACKLOG_METRIC, GenerationItem, ModelBatch, ModelResult
+from serve_app.store import ImageStore, preview_record_name, step_record_name
 from serve_app.tee import check_tee
 
 logger = logging.getLogger("ray.serve")
@@ -129,7 +128,7 @@ class Text2ImageModel:
                 "batch_shapes": list(self._batch_shapes)}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metric (batching/autoscaling.py): the batcher's backlog when
+        """Custom autoscaling metric (serve_app/batching/autoscaling.py): the batcher's backlog when
         this replica took the batch it is running; 0 while idle (with calls waiting, no
         replica stays idle)."""
         per_batch = self.config.batching.max_batch_size

@@ -29,13 +29,3 @@ class ImageGenerator(Protocol):
         too, with previews, and only then are previews computed. Image-to-image items come
         with `init_images`: per item, its decoded input fitted to the item's size."""
         ...
-
-
-def load_factory(import_path: str):
-    """'package.module:function' -> the function."""
-    import importlib
-
-    module_name, _, attr = import_path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"model.generator must be 'module:function', got {import_path!r}")
-    return getattr(importlib.import_module(module_name), attr)

@@ -1,7 +1,7 @@
 """Decoding an untrusted image-to-image input, in the model replica (PIL lives here only).
 
 The ingress has already checked the bytes, the format and the declared dimensions
-(serve_app/ingress/image_input.py); this repeats those checks on what PIL reads, so a
+(serve_app/generation/image_input.py); this repeats those checks on what PIL reads, so a
 replica is safe on its own, and finds what only decoding finds (truncated or corrupt
 data). The pixels are then fitted to the requested size: scaled to cover it, keeping the
 aspect ratio, and centre-cropped.

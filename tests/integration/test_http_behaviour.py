@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve_app.ingress.schemas import ERROR_DESCRIPTIONS, ErrorResponse
+from serve_app.generation.schemas import ERROR_DESCRIPTIONS, ErrorResponse
 from serve_app.testing import FAIL_PROMPT
 from tests.integration.conftest import fake_args, post
 

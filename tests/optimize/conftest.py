@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from serve_app.model import cpu
+from serve_app.model.diffusers_generator import DTYPES
 from serve_app.model.optimize import onednn_bf16_supported
-from serve_app.model.pipeline import DTYPES
 from serve_app.model.tiny_model import ensure_tiny_model
 
 

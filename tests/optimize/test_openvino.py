@@ -24,6 +24,7 @@ pytest.importorskip("openvino", reason="openvino is not installed: pip install -
 
 from serve_app.config import AppConfig  # noqa: E402
 from serve_app.model import cpu  # noqa: E402
+from serve_app.model.diffusers_generator import DiffusersGenerator  # noqa: E402
 from serve_app.model.openvino import export as export_module  # noqa: E402
 from serve_app.model.openvino.cache import (  # noqa: E402
     MARKER,
@@ -33,7 +34,7 @@ from serve_app.model.openvino.cache import (  # noqa: E402
     key_material,
 )
 from serve_app.model.openvino.runtime import load_openvino_generator  # noqa: E402
-from serve_app.model.pipeline import DiffusersGenerator, load_generator  # noqa: E402
+from serve_app.model.pipeline import load_generator  # noqa: E402
 from serve_app.model.tiny_model import TINY_MODEL_VERSION  # noqa: E402
 from serve_app.protocol import GenerationItem  # noqa: E402
 

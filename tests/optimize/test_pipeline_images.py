@@ -15,8 +15,8 @@ from torch import nn
 
 from serve_app.config import OptimizationConfig
 from serve_app.model import cpu
+from serve_app.model.diffusers_generator import DiffusersGenerator
 from serve_app.model.optimize import PackedConv2d, PackedLinear, optimize_pipeline
-from serve_app.model.pipeline import DiffusersGenerator
 from serve_app.protocol import GenerationItem
 from tests.optimize.conftest import skip_unless_onednn_runs
 

@@ -3,7 +3,8 @@
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from serve_app.batching.autoscaling import BACKLOG_METRIC, backlog_policy
+from serve_app.batching.autoscaling import backlog_policy
+from serve_app.protocol import BACKLOG_METRIC
 
 
 def context(ongoing: float, backlog: list[float], replicas: int = 1) -> AutoscalingContext:

@@ -1,6 +1,6 @@
 import pytest
 
-from serve_app.batching.policy import group_by_shape, plan_pipeline_calls, scatter
+from serve_app.model.batch_plan import group_by_shape, plan_pipeline_calls, scatter
 from serve_app.protocol import (
     GenerationItem,
     ModelResult,

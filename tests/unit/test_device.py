@@ -1,7 +1,7 @@
 import pytest
 
 from serve_app.model.cpu import detect
-from serve_app.model.pipeline import device_and_dtype
+from serve_app.model.diffusers_generator import device_and_dtype
 
 AVX2 = detect("flags\t: sse2 avx avx2 fma\n", env={})
 AMX = detect("flags\t: avx2 fma avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16\n",

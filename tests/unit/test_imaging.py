@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.ingress.imaging import encode_png, grid_shape, make_grid
+from serve_app.imaging import encode_png, grid_shape, make_grid
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (64, 48, 3)])

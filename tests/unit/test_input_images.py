@@ -13,10 +13,11 @@ from PIL import Image
 
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.errors import InvalidImage, InvalidRequest, PayloadTooLarge
-from serve_app.ingress.image_input import check_input_image, read_header
-from serve_app.ingress.parsing import parse_form, parse_request
-from serve_app.ingress.schemas import Image2ImageRequest
+from serve_app.generation.image_input import check_input_image, read_header
+from serve_app.generation.schemas import Image2ImageRequest
+from serve_app.ingress.parsing import parse_form
 from serve_app.model.input_image import InvalidInputImage, decode_input_image
+from tests.unit.test_request_parsing import parse_request
 
 LIMITS = LimitsConfig()
 
@@ -140,7 +141,7 @@ def test_multipart_fields_become_the_json_request():
 
 
 async def multipart_fields_become_the_json_request():
-    from serve_app.ingress.parsing import validate_request
+    from serve_app.generation.requests import validate_request
 
     data = png(96, 96)
     raw, content_type = multipart({"prompt": "a cat", "step": "2", "strength": "0.75",
@@ -187,7 +188,7 @@ def test_replica_errors_that_are_the_clients_become_typed_4xx_or_501(error, stat
     import uuid
 
     from serve_app.errors import ServiceError
-    from serve_app.ingress.generation import GenerationService
+    from serve_app.generation.service import GenerationService
     from serve_app.store import ImageStore
 
     batcher = ErrorBatcher(error, "the replica's message")

@@ -10,9 +10,10 @@ import pytest
 
 from serve_app.config import AppConfig
 from serve_app.errors import GenerationFailed, Overloaded
-from serve_app.jobs.records import JobRecord, Progress, dump, load, record_name
+from serve_app.jobs.records import JobRecord, Progress, dump, load
 from serve_app.jobs.service import JobFailed, JobRetry, JobRunner
 from serve_app.store import ImageStore
+from serve_app.store import job_record_name as record_name
 
 
 class ScriptedGenerate:

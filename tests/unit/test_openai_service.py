@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from serve_app.errors import InvalidImage, InvalidRequest, NotFound, install_error_handlers
+from serve_app.generation.schemas import Image2ImageRequest, Text2ImageRequest
 from serve_app.ingress.openai_api import (
     OpenAIEditRequest,
     OpenAIImageRequest,
     OpenAIImagesService,
 )
-from serve_app.ingress.schemas import Image2ImageRequest, Text2ImageRequest
 from tests.unit.test_services import FakeBatcher, service
 
 

@@ -1,14 +1,35 @@
+import asyncio
 import json
 
 import pytest
+from starlette.requests import Request
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.ingress.parsing import MAX_BODY_BYTES, parse_request, plan_calls
+from serve_app.generation.requests import plan_calls
+from serve_app.generation.schemas import Text2ImageRequest
+from serve_app.ingress.parsing import MAX_BODY_BYTES, read_request
 
 CONFIG = AppConfig()
 REFERENCE = {"prompt": "A panda listening to music with headphones. highly detailed, 8k.",
              "number": 1}
+
+
+def http_request(raw: bytes, content_type: str | None = None) -> Request:
+    """A POST with this body, as the ingress's routes receive it."""
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+    headers = [(b"content-length", str(len(raw)).encode())]
+    if content_type:
+        headers.append((b"content-type", content_type.encode()))
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers,
+                    "query_string": b""}, receive)
+
+
+def parse_request(raw: bytes, config: AppConfig, model=Text2ImageRequest, limit=None):
+    """The body read by read_request, as a route reads it (`limit`: the image-body limit
+    read_request applies itself)."""
+    return asyncio.run(read_request(http_request(raw), model, config))
 
 
 def parse(data):

@@ -17,7 +17,7 @@ from serve_app.errors import (
     error_body,
     install_error_handlers,
 )
-from serve_app.ingress.schemas import (
+from serve_app.generation.schemas import (
     ERROR_DESCRIPTIONS,
     ErrorDetail,
     ErrorResponse,
@@ -25,7 +25,7 @@ from serve_app.ingress.schemas import (
     error_responses,
 )
 
-DEPLOYMENT = Path(__file__).parents[2] / "serve_app" / "ingress" / "deployment.py"
+DEPLOYMENT = Path(__file__).parents[2] / "serve_app" / "ingress" / "routes" / "native.py"
 
 
 def test_error_responses_give_the_error_body_and_a_description_per_status():

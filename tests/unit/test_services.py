@@ -12,8 +12,8 @@ from ray.exceptions import RayActorError
 
 from serve_app.config import AppConfig
 from serve_app.errors import GenerationFailed, Overloaded
-from serve_app.ingress.generation import GenerationService
-from serve_app.ingress.schemas import Text2ImageRequest
+from serve_app.generation.schemas import Text2ImageRequest
+from serve_app.generation.service import GenerationService
 from serve_app.jobs.records import JobRequest
 from serve_app.jobs.service import JobService
 from serve_app.protocol import GenerationItem, ModelResult

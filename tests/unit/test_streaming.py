@@ -9,9 +9,8 @@ import uuid
 
 from serve_app.errors import GenerationFailed, NotFound
 from serve_app.ingress.streaming import StepRecords, generation_events, job_events
-from serve_app.jobs.records import JobRecord, Progress, step_record_name
-from serve_app.protocol import preview_record_name
-from serve_app.store import ImageStore
+from serve_app.jobs.records import JobRecord, Progress
+from serve_app.store import ImageStore, preview_record_name, step_record_name
 
 KEY = "a" * 32
 

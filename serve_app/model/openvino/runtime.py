@@ -24,10 +24,10 @@ import torch
 from serve_app.config import AppConfig, parse_size
 from serve_app.model import cpu
 from serve_app.model.backend import BackendChoice, select_backend
+from serve_app.model.diffusers_generator import DiffusersGenerator, device_and_dtype
 from serve_app.model.openvino import export as export_module
 from serve_app.model.openvino.cache import MARKER, ExportSpec
 from serve_app.model.openvino.export import Exporter, ensure_ir
-from serve_app.model.pipeline import DiffusersGenerator, device_and_dtype
 from serve_app.model.source import resolve_model_dir
 
 logger = logging.getLogger(__name__)

@@ -24,14 +24,14 @@ from serve_app.errors import (
     NotSupported,
     Overloaded,
 )
-from serve_app.ingress.imaging import encode_png, make_grid
-from serve_app.ingress.parsing import plan_calls
-from serve_app.ingress.schemas import (
+from serve_app.generation.requests import new_request_id, plan_calls, seed_of
+from serve_app.generation.schemas import (
     Image2ImageRequest,
     Image2ImageResponse,
     Text2ImageRequest,
     Text2ImageResponse,
 )
+from serve_app.imaging import encode_png, make_grid
 from serve_app.metrics import record_encode
 from serve_app.protocol import GenerationItem, ModelResult, Priority
 from serve_app.store import GRID_NAME, ImageStore, image_name
@@ -49,8 +49,8 @@ class GenerationService:
         self.store = store
         self.config = config
 
-    async def generate(self, body: Text2ImageRequest, request_id: str, seed: int,
-                        base_url: str,
+    async def generate(self, body: Text2ImageRequest, request_id: str | None = None,
+                        seed: int | None = None, base_url: str = "",
                         on_call_done: Callable[[int], None] | None = None,
                         progress_key: str | None = None,
                         timings: dict[str, float] | None = None,
@@ -59,7 +59,10 @@ class GenerationService:
         """timings, when given, receives where the time went (seconds): `pipeline` (the
         longest pipeline call inside a model replica), `model` (model calls as the ingress
         saw them: queue, hops, pipeline), `store` (PNG encoding and storage). `preview`
-        (with a progress_key) has the model replicas write a preview per step."""
+        (with a progress_key) has the model replicas write a preview per step.
+        request_id and seed: a new id, and the body's seed or a random one, unless given."""
+        request_id = request_id if request_id is not None else new_request_id()
+        seed = seed if seed is not None else seed_of(body)
         items = plan_calls(body, seed, progress_key, priority, preview)
         started = time.perf_counter()
         results = await self._run_calls(items, request_id, on_call_done)

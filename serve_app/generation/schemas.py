@@ -2,17 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**63 - 1
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True)
+class BodyFormat:
+    """How a request model arrives over HTTP (serve_app.ingress.parsing.read_request):
+    `json` (the Content-Type is then ignored: `curl -d` sends form-urlencoded), `multipart`
+    (multipart/form-data with the image as a file part), and whether it may carry an input
+    `image` (bodies without one are held to 64 KiB), and whether the model takes that
+    image base64-encoded (as in JSON) or as the file part's raw bytes."""
+
+    json: bool = True
+    multipart: bool = False
+    image: bool = False
+    image_base64: bool = True
+
+
+JSON_BODY = BodyFormat()
+BINARY = {"type": "string", "format": "binary"}
+
+
+def request_body(*models: type[BaseModel]) -> dict[str, Any]:
+    """FastAPI's `openapi_extra` for a route whose body is one of `models` (several: the
+    one that fits, by whether an image is given), in the formats they accept."""
+    formats = [getattr(model, "body_format", JSON_BODY) for model in models]
+    schemas = [model.model_json_schema(ref_template=REF_TEMPLATE) for model in models]
+    content: dict[str, Any] = {}
+    if any(f.json for f in formats):
+        json_schemas = [s for s, f in zip(schemas, formats) if f.json]
+        content["application/json"] = {
+            "schema": json_schemas[0] if len(json_schemas) == 1 else {"anyOf": json_schemas}}
+    forms = [{**s, "properties": {**s["properties"], "image": BINARY}}
+             for s, f in zip(schemas, formats) if f.multipart]
+    if forms:
+        content["multipart/form-data"] = {
+            "schema": forms[0] if len(forms) == 1 else {"anyOf": forms}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 class Text2ImageRequest(BaseModel):
     # Unknown fields are rejected (422 naming the field): a typo such as "steps" must not
     # silently fall back to a default.
     model_config = ConfigDict(extra="forbid")
+    body_format: ClassVar[BodyFormat] = JSON_BODY
 
     prompt: str = Field(min_length=1, description="Text prompt. Tokens past 77 are truncated.")
     number: int = Field(default=1, ge=1, le=64, strict=True,
@@ -36,6 +75,7 @@ class Text2ImageRequest(BaseModel):
 class Image2ImageRequest(Text2ImageRequest):
     """The text-to-image fields plus an input image and how strongly to change it."""
 
+    body_format: ClassVar[BodyFormat] = BodyFormat(multipart=True, image=True)
     image: Base64Bytes = Field(
         description="The input image, PNG or JPEG, base64-encoded (a `data:image/...;base64,` "
                     "prefix is allowed). Multipart requests send it as a file part instead. "
