@@ -253,6 +253,10 @@ class JobRunner:
             logger.warning("job %s: run %d failed (%s); the broker delivers it again",
                            record.id, record.attempts, err.code)
             raise JobRetry(job_id) from None
+        except JobRetry:
+            # Waited for capacity until the delivery's deadline, attempt not spent: the
+            # broker delivers it again (an "unexpected error" would fail the job).
+            raise
         except Exception:
             logger.exception("job %s: unexpected error", record.id)
             return await self._fail(record, {"code": "internal_error",

@@ -33,6 +33,8 @@ class ScriptedGenerate:
             raise Overloaded("full", retry_after_s=0)
         if action == "lost":
             raise ReplicaLost("lost", retry_after_s=0)
+        if action == "lost_retry_in_200s":
+            raise ReplicaLost("lost", retry_after_s=200)
         on_call_done(1)
         return {"id": request_id, "output": [{"url": "u"}]}
 
@@ -118,6 +120,18 @@ def test_replicas_lost_with_their_node_make_the_job_wait_without_spending_an_att
     runner, store, generate, job_id = setup(["lost"] * 4 + ["ok"])
     assert asyncio.run(runner.run(job_id, "http://h")) == "succeeded"
     assert (stored(store, job_id).attempts, len(generate.runs)) == (1, 5)
+
+
+def test_a_wait_past_the_deliverys_deadline_is_delivered_again_with_no_attempt_spent():
+    # Retry-After 200 s: past the delivery's deadline (half the 310 s visibility timeout).
+    runner, store, generate, job_id = setup(["lost_retry_in_200s", "ok"], broker={
+        "visibility_timeout_s": 310.0})
+    with pytest.raises(JobRetry):
+        asyncio.run(runner.run(job_id, "http://h"))
+    record = stored(store, job_id)
+    assert (record.status, record.attempts, record.error) == ("queued", 0, None)
+    assert asyncio.run(runner.run(job_id, "http://h")) == "succeeded"
+    assert (stored(store, job_id).attempts, len(generate.runs)) == (1, 2)
 
 
 def test_a_delivery_whose_record_expired_is_dropped():
