@@ -45,6 +45,11 @@ def app_config(cluster: Cluster, root: Path, broker_url: str) -> dict:
         "store": {"url": str(root / "store")},
         "jobs": {"broker": {"url": broker_url, "queue_name": f"jobs-{uuid.uuid4().hex[:8]}",
                             "visibility_timeout_s": REQUEST_TIMEOUT_S + 10},
+                 # A run of a job that finds no model replica ends at the request timeout
+                 # and costs an attempt. In production (300 s) one run outlasts a lost
+                 # node; with this test's 5 s, the same outage (tens of seconds) takes
+                 # several: the attempts scale with the shorter timeout.
+                 "max_attempts": 20,
                  "consumer": {"resources": {"consumer_node": 1}, "min_replicas": 1,
                               "max_replicas": 1}},
     }
@@ -184,6 +189,10 @@ def node_loss_run(cluster: Cluster, url: str, root: Path, node: str) -> dict:
         cluster.restart(node)
         back_s = time.monotonic() - killed
         ready_again = wait_ready(url, 120) + back_s
+        # Until an image is served again (bounded): the clients keep sending meanwhile.
+        while time.monotonic() < killed + 240 and not any(
+                code == 200 and sent > killed for sent, code, _, _ in list(load.results)):
+            time.sleep(0.2)
     finally:
         results = load.finish()
     # The first image from a call sent after the kill: on the model's node, the first the
