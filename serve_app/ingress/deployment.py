@@ -152,7 +152,8 @@ class Ingress:
         assert store_cfg.url is not None  # AppConfig fills in the per-application default
         self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
         self._readiness = ReadinessProbe(self._model_info, busy_errors=(BackPressureError,),
-                                         wait_s=READY_PROBE_WAIT_S)
+                                         wait_s=READY_PROBE_WAIT_S,
+                                         replicas=self._model_replicas)
         self._readiness.start()
         self._stop = threading.Event()
         self._cleaner = threading.Thread(target=self._cleanup_loop, name="store-cleanup",
@@ -168,6 +169,15 @@ class Ingress:
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
+
+    def _model_replicas(self) -> int | None:
+        """Running model replicas as the handle's router knows them (the controller tells it
+        when one starts or dies). Ray's handle has no public count (the batcher reads the
+        same); None when it cannot be read."""
+        try:
+            return len(self.model._router._asyncio_router.request_router.curr_replicas)
+        except Exception:
+            return None
 
     def _cleanup_loop(self) -> None:
         cfg = self.config.store
