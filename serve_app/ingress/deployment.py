@@ -153,7 +153,8 @@ class Ingress:
         self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
         self._readiness = ReadinessProbe(self._model_info, busy_errors=(BackPressureError,),
                                          wait_s=READY_PROBE_WAIT_S,
-                                         replicas=self._model_replicas)
+                                         replicas=self._model_replicas
+                                         if self._model_never_at_zero() else None)
         self._readiness.start()
         self._stop = threading.Event()
         self._cleaner = threading.Thread(target=self._cleanup_loop, name="store-cleanup",
@@ -169,6 +170,12 @@ class Ingress:
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
+
+    def _model_never_at_zero(self) -> bool:
+        """No model replica is a fault only where the model never scales to zero (there,
+        a probe saying not ready would keep away the traffic that scales it up)."""
+        auto = self.config.replica.autoscaling
+        return auto is None or auto.min_replicas >= 1
 
     def _model_replicas(self) -> int | None:
         """Running model replicas as the handle's router knows them (the controller tells it
