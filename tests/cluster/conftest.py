@@ -217,8 +217,16 @@ def cluster(short_tmp) -> Iterator[Cluster]:
     for the model replica, the Batcher and the JobConsumer, pinned by custom resources."""
     cluster = Cluster(short_tmp, {"model": {"model_node": 1}, "batcher": {"batcher_node": 1},
                                   "consumer": {"consumer_node": 1}})
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # pytest then runs the teardowns below
+
+    # A run stopped with SIGTERM (`timeout`, CI cancelling) still kills every node: the
+    # nodes live in sessions of their own and would outlive this process.
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
