@@ -190,6 +190,9 @@ class BatcherConfig(StrictModel):
 
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.1, ge=0)
+    # Ray custom resources that pin batcher replicas to pods/nodes advertising them.
+    # Unset: ingress.resources (it runs beside the ingress).
+    resources: dict[str, float] | None = None
 
 
 class StoreConfig(StrictModel):
@@ -281,6 +284,9 @@ class ConsumerConfig(StrictModel):
     downscale_delay_s: float = Field(default=60.0, ge=0)
     # How often the policy reads the queue's length from the broker.
     queue_poll_interval_s: float = Field(default=2.0, gt=0)
+    # Ray custom resources that pin consumer replicas to pods/nodes advertising them.
+    # Unset: ingress.resources (it runs beside the ingress).
+    resources: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> ConsumerConfig:
