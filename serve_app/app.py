@@ -21,6 +21,7 @@ from serve_app.jobs.consumer import (
 )
 from serve_app.model.deployment import Text2ImageModel
 from serve_app.model.source import check_local_source
+from serve_app.model.tiny_vae import check_local_tiny_vae
 
 logger = logging.getLogger("ray.serve")
 
@@ -129,6 +130,8 @@ def consumer_deployment_options(config: AppConfig) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = load_config(args)
     check_local_source(config.model.source)
+    if config.model.resolved_vae == "tiny":
+        check_local_tiny_vae(config.model.resolved_tiny_vae_source)
     payload = config.model_dump(mode="json")
     # @serve.deployment turns each class into a Deployment; mypy keeps the class type.
     model = Text2ImageModel.options(  # type: ignore[attr-defined]

@@ -133,15 +133,19 @@ def optimization_options(args: argparse.Namespace) -> Any:
     fields: dict[str, Any] = {k: v for k, v in switches.items() if k != "prompt_cache"}
     if not switches["prompt_cache"]:
         fields["prompt_cache_size"] = 0
+    return OptimizationConfig(**fields)
+
+
+def tiny_vae_dir(args: argparse.Namespace) -> str | None:
+    """--tiny-vae: a directory, or 'random' (random weights at taesdxl's size, written to a
+    temporary directory)."""
     if args.tiny_vae == "random":
         import tempfile
 
         from serve_app.bench.full_model import save_random_tiny_vae
 
-        fields["tiny_vae"] = str(save_random_tiny_vae(tempfile.mkdtemp(prefix="tiny-vae-")))
-    elif args.tiny_vae:
-        fields["tiny_vae"] = args.tiny_vae
-    return OptimizationConfig(**fields)
+        return str(save_random_tiny_vae(tempfile.mkdtemp(prefix="tiny-vae-")))
+    return args.tiny_vae
 
 
 def load_once(args: argparse.Namespace, body: dict[str, Any], concurrency: int,
@@ -200,7 +204,8 @@ def run_sweep_mode(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
         base_width=args.width, base_height=args.height, base_steps=args.step,
         base_batch=args.batch, repeat=args.repeat, prompt=args.prompt, seed=args.seed,
         warmup=args.warmup, dtype_name=resolve_dtype(args.dtype),
-        options=optimization_options(args), progress=progress, latency_grid=latency_grid)
+        options=optimization_options(args), progress=progress,
+        tiny_vae=tiny_vae_dir(args), latency_grid=latency_grid)
     result["mode"] = "sweep"
     result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
     print(format_sweep(result))
@@ -256,7 +261,8 @@ def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, repeat=args.repeat, batch=args.batch, steps=args.step,
         height=args.height, width=args.width, prompt=args.prompt, seed=args.seed,
         warmup=args.warmup, dtype_name=resolve_dtype(args.dtype),
-        options=optimization_options(args), progress=progress)
+        options=optimization_options(args), progress=progress,
+        tiny_vae=tiny_vae_dir(args))
     if args.interleave:
         if backends != ["eager", "optimized"]:
             raise SystemExit("--interleave needs --compare with --backend optimized")

@@ -214,6 +214,8 @@ class Ingress:
             "backendReason": info.get("backend_reason"),
             "dtype": info.get("dtype"),
             "dtypeReason": info.get("dtype_reason"),
+            "profile": info.get("profile"),
+            "parts": info.get("parts"),
             "cpu": info.get("cpu"),
             "device": info.get("device"),
             "threads": info.get("threads"),

@@ -66,7 +66,10 @@ class DiffusersGenerator:
 
             # dtype: from_pipe casts the shared modules to it (float32 when not given),
             # which would undo bfloat16 under the running text-to-image pipeline.
-            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe, dtype=self.dtype)
+            # vae passed on: from_pipe drops a module whose class is not the type hint's
+            # (an AutoencoderTiny, model.vae tiny).
+            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe, vae=self.pipe.vae,
+                                                                 dtype=self.dtype)
             img2img.set_progress_bar_config(disable=True)
             if "encode_prompt" in vars(self.pipe):  # the prompt_cache lever's LRU
                 img2img.encode_prompt = self.pipe.encode_prompt
@@ -133,6 +136,14 @@ def device_and_dtype(num_gpus: float, requested: str,
     return device, cpu.choose_dtype(requested, device, cpu.host() if caps is None else caps)
 
 
+def _load_tiny(model_cfg: Any, dtype: torch.dtype) -> Any:
+    from serve_app.model.tiny_vae import load_tiny_vae, resolve_tiny_vae_dir
+
+    return load_tiny_vae(resolve_tiny_vae_dir(model_cfg.resolved_tiny_vae_source,
+                                              model_cfg.tiny_vae_revision, model_cfg.cache_dir),
+                         dtype)
+
+
 def _fallback_warning(exc: Exception) -> str:
     """`auto` chose OpenVINO and it could not start (an export that ran out of memory, a
     cache it cannot write, sizes its IR cannot run): the one line the replica falls back to
@@ -140,6 +151,15 @@ def _fallback_warning(exc: Exception) -> str:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return (f"backend auto: OpenVINO could not start ({type(exc).__name__}: {detail[:300]}); "
             f"running torch instead")
+
+
+def profile_info(model_cfg: Any, *, unet: str, vae_source: str | None) -> dict[str, Any]:
+    """What /readyz and the playground show: model.profile and the parts that run
+    (`unet`: the UNet's weights, e.g. "int8" or the dtype; `vae_source`: the tiny VAE's
+    source, None for the full VAE)."""
+    return {"profile": model_cfg.profile,
+            "parts": {"unet": unet,
+                      "vae": "full" if vae_source is None else f"tiny ({vae_source})"}}
 
 
 def load_generator(config: AppConfig) -> DiffusersGenerator:
@@ -178,7 +198,10 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     logger.info("model files at %s (%.2fs)", model_dir, time.perf_counter() - started)
 
     stage = time.perf_counter()
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype)
+    tiny_vae = model_cfg.resolved_vae == "tiny"
+    # The tiny VAE replaces the full one before it is loaded: no 160 M-parameter VAE in memory.
+    parts: dict[str, Any] = {"vae": _load_tiny(model_cfg, dtype)} if tiny_vae else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype, **parts)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     logger.info("pipeline loaded in %.2fs", time.perf_counter() - stage)
@@ -191,6 +214,9 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
         applied, skipped = report.applied, report.skipped
     else:
         applied, skipped = [], {}
+    if model_cfg.resolved_weights == "int8":
+        skipped = {**skipped, "int8_weights": f"int8 weights run on backend openvino; "
+                                              f"backend {backend.name} runs {dtype_name}"}
     apply_ipex(backend, pipe, dtype)
     logger.info("backend %s (%s), optimisations %s, skipped %s, in %.2fs", backend.name,
                 backend.reason, applied, skipped, time.perf_counter() - stage)
@@ -207,6 +233,8 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
         "optimizations": applied,
         "optimizations_skipped": skipped,
         "warnings": warnings,
+        **profile_info(model_cfg, unet=dtype_name,
+                       vae_source=model_cfg.resolved_tiny_vae_source if tiny_vae else None),
     }
     generator = DiffusersGenerator(pipe, device=device, dtype=dtype, info=info)
     stage = time.perf_counter()

@@ -85,7 +85,8 @@ def test_readyz_reports_the_openvino_backend(first):
     assert (ready["status"], ready["backend"], ready["dtype"], ready["threads"]) == (
         "ready", "openvino", expected, 2)
     assert ready["dtypeReason"].endswith(f"; OpenVINO CPU INFERENCE_PRECISION_HINT {expected}")
-    assert ready["optimizations"] == {"applied": ["openvino_ir", "prompt_cache"],
+    assert ready["optimizations"] == {"applied": ["openvino_ir", "compiled_cache",
+                                                  "prompt_cache"],
                                       "skipped": {}}
 
 
