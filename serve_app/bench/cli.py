@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="turn every optimisation off except these")
     parser.add_argument("--tiny-vae", default=None,
                         help="directory of an AutoencoderTiny to decode with (opt-in), or "
-                             "'random' for random weights (speed only)")
+                             "'random' for random weights at taesdxl's size (speed only); "
+                             "with --backends: model.tiny_vae_source of the tiny-VAE rows")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr during timed runs (default: only when "
@@ -106,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--backends", default=None, metavar="LABEL,...",
                       help="e.g. torch-eager,torch,openvino,openvino-int8 (first = reference);"
                            " --model must be a diffusers directory")
-    side.add_argument("--cases", default="512x512,1024x1024,512x512x4", metavar="WxH[xB],...",
-                      help="sizes and batch per call (default: %(default)s)")
+    side.add_argument("--cases", default="512x512,1024x1024,512x512x4",
+                      metavar="WxH[xB][:STEPS],...",
+                      help="sizes, batch per call and steps (default --step) (default: "
+                           "%(default)s)")
     side.add_argument("--rounds", type=int, default=1,
                       help="times the whole backend sequence runs (default: %(default)s)")
     side.add_argument("--cache-dir", default=None, help="OpenVINO IR cache (default: a temp dir)")
@@ -230,7 +233,7 @@ def run_backends_mode(args: argparse.Namespace) -> dict[str, Any]:
         labels=labels, cases=cases, model=args.model, dtype=args.dtype,
         threads=args.threads or len(os.sched_getaffinity(0)), rounds=args.rounds,
         repeat=args.repeat, steps=args.step, seed=args.seed, cache_dir=args.cache_dir,
-        work_dir=args.work_dir)
+        work_dir=args.work_dir, tiny_vae=tiny_vae_dir(args))
     result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
     print(format_table(result))
     return result
