@@ -8,7 +8,10 @@
   width) as OpenVINO IR: float32 weights, int8 weights, and int8
   weights with dynamic activation quantization at several group sizes.
 
-`python -m serve_app.bench.parts vae|dq --repeat N --threads T`; prints one JSON line.
+* ``unet``: one UNet step at 512x512, torch eager float32 against an exported OpenVINO IR
+  (`--model DIR --ir IR_DIR`), per dynamic-quantization group.
+
+`python -m serve_app.bench.parts vae|dq|unet --repeat N --threads T`; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -135,9 +139,64 @@ def bench_dq(repeat: int, threads: int, groups: list[int]) -> dict[str, Any]:
             "group_read_back": read_back}
 
 
+def bench_unet(repeat: int, threads: int, model_dir: str, ir_dir: str,
+               groups: list[int]) -> dict[str, Any]:
+    """One UNet step at 512x512 (64x64 latent, batch 1): torch eager float32 from
+    `model_dir` against the OpenVINO IR in `ir_dir` (its unet.xml, e.g. int8 weights),
+    compiled once per group (0: dynamic quantization off), one compiled model at a time;
+    each variant alternates with torch, so every ratio is paired."""
+    import gc
+    import resource
+
+    import numpy as np
+    import openvino as ov
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(threads)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet",
+                                                dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 64, 64, generator=generator)
+    context = torch.randn(1, 77, 2048, generator=generator)
+    pooled = torch.randn(1, 1280, generator=generator)
+    time_ids = torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]])
+    step = torch.tensor([999.0])
+
+    def eager() -> Any:
+        with torch.inference_mode():
+            return unet(sample, step, encoder_hidden_states=context,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                        return_dict=False)[0]
+
+    reference = eager().numpy()
+    inputs = [a.numpy() for a in (sample, step, context, pooled, time_ids)]
+    core = ov.Core()
+    variants: dict[str, Any] = {}
+    for group in groups:
+        compiled = _compile(core, str(Path(ir_dir) / "unet.xml"), threads,
+                            DYNAMIC_QUANTIZATION_GROUP_SIZE=group)
+        out = compiled(inputs)[0]
+        def run(c: Any = compiled) -> Any:
+            return c(inputs)
+
+        variants[f"dq{group}"] = {
+            "times": _median_times({"torch-eager-f32": eager, f"openvino-dq{group}": run},
+                                   repeat),
+            "mean_abs_diff_vs_torch_float32": float(np.abs(out - reference).mean()),
+            "reference_mean_abs": float(np.abs(reference).mean())}
+        del compiled
+        gc.collect()
+    return {"mode": "unet", "model": model_dir, "ir": ir_dir, "threads": threads,
+            "repeat": repeat, "latent": [1, 4, 64, 64], "variants": variants,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("vae", "dq"))
+    parser.add_argument("mode", choices=("vae", "dq", "unet"))
+    parser.add_argument("--model", help="unet: the diffusers directory (full-size model)")
+    parser.add_argument("--ir", help="unet: the OpenVINO IR directory holding unet.xml")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--groups", default="0,32,256,1024",
@@ -145,11 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from serve_app.bench.direct import environment
 
+    groups = [int(g) for g in args.groups.split(",") if g.strip()]
     if args.mode == "vae":
         result = bench_vae(args.repeat, args.threads)
+    elif args.mode == "unet":
+        if not (args.model and args.ir):
+            raise SystemExit("unet needs --model DIR and --ir IR_DIR")
+        result = bench_unet(args.repeat, args.threads, args.model, args.ir, groups)
     else:
-        result = bench_dq(args.repeat, args.threads,
-                          [int(g) for g in args.groups.split(",") if g.strip()])
+        result = bench_dq(args.repeat, args.threads, groups)
     result["environment"] = environment()
     print(json.dumps(result))
     return 0
