@@ -46,8 +46,12 @@ def run_fast(serve_url: str, name: str, backend: str, tmp: Path) -> dict:
         stream = httpx.post(f"{url}/api/text2image/stream?preview=true",
                             json={"prompt": "fast", "seed": 7, "size": "512x512", "step": 2},
                             timeout=120)
+        events = events_of(stream)
+        stream_png = httpx.get(events[-1][1]["output"][0]["url"], timeout=30) \
+            if events and events[-1][0] == "result" else None
         return {"ready": ready, "info": info, "text": text, "text_png": text_png,
-                "image": image, "image_png": image_png, "stream": stream}
+                "image": image, "image_png": image_png, "events": events,
+                "stream_png": stream_png}
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +74,13 @@ def check_images(run: dict) -> None:
     assert np.asarray(image).std() > 0  # not a blank image
     assert run["image"].status_code == 200, run["image"].text
     assert Image.open(io.BytesIO(run["image_png"].content)).size == (512, 512)
-    events = events_of(run["stream"])
+    events = run["events"]
     progress = [data for name, data in events if name == "progress"]
     assert [p["step"] for p in progress] == [1, 2]
     assert all("preview" in p for p in progress)
     assert events[-1][0] == "result"
     # The stream's result is the plain endpoint's image (same seed, same steps).
-    assert httpx.get(events[-1][1]["output"][0]["url"]).content == run["text_png"].content
+    assert run["stream_png"].content == run["text_png"].content
 
 
 def test_fast_on_torch_reports_its_parts_and_decodes_with_the_tiny_vae(torch_fast):
