@@ -193,9 +193,9 @@ def dynamic_quantization_group(configured: int | None, weights: str | None,
 def compile_properties(threads: int, dtype: str, *, dynamic_quantization_group: int = 0,
                        cache_dir: str | None = None) -> dict[str, Any]:
     """INFERENCE_NUM_THREADS = replica.num_cpus; one stream, latency-first (the replica runs
-    one pipeline call at a time); the precision the dtype asks for; dynamic activation
-    quantization (int8 weights only: the plugin's default group otherwise applies to them);
-    the compiled-model cache when given."""
+    one pipeline call at a time); the precision the dtype asks for; the dynamic activation
+    quantization group, always set (0: off), so the plugin's own default (32) never decides
+    it; the compiled-model cache when given."""
     properties: dict[str, Any] = {
         "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
         "INFERENCE_PRECISION_HINT": PRECISION_HINT[dtype],
