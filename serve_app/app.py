@@ -134,10 +134,10 @@ def consumer_deployment_options(config: AppConfig) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    # model.source is not checked here: this runs in the Serve controller (the head pod),
-    # which never reads the weights and on KubeRay runs the lite image without them. Each
-    # model replica checks the directory where it loads it (resolve_model_dir), with the
-    # same one-line error.
+    # model.source and model.tiny_vae_source are not checked here: this runs in the Serve
+    # controller (the head pod), which never reads the weights and on KubeRay runs the lite
+    # image without them. Each model replica checks the directory where it loads it
+    # (resolve_model_dir, resolve_tiny_vae_dir), with the same one-line error.
     config = load_config(args)
     # What is known before any replica starts (a URL from a Secret is checked in them).
     confidential.check(config, **confidential_urls(config, resolve_env=False))
