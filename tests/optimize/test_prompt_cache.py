@@ -48,7 +48,8 @@ def test_lru_eviction():
         cache(**plain(prompt))
     # "bb" was least recently used when "ccc" arrived, so it was encoded again.
     assert encoder.calls == [["a"], ["bb"], ["ccc"], ["bb"]]
-    assert list(cache.entries) == ["ccc", "bb"]
+    # Keyed by a keyed hash of the prompt (issue 21: no prompt text kept).
+    assert list(cache.entries) == [cache._key("ccc"), cache._key("bb")]
 
 
 def test_guidance_and_extra_inputs_pass_through():
