@@ -141,3 +141,15 @@ def test_the_docs_name_config_keys() -> None:
     """The key check above has something to check: the configuration page names the keys."""
     named = named_keys(REPO / "docs" / "configuration.md")
     assert {"model.backend", "jobs.broker.*", "store.ttl_s", "replica.num_cpus"} <= named
+
+
+PATH_NAMED = re.compile(r"`((?:serve_app|tests|configs|kuberay|docker|dashboards|docs)/[^`\s:]*)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_repository_path_the_docs_name_exists(doc: Path) -> None:
+    """A file moved in the code (serve_app/optimize.py -> serve_app/model/optimize/) is
+    moved in the docs too."""
+    missing = [path for path in PATH_NAMED.findall(doc.read_text())
+               if not any(c in path for c in "*<") and not (REPO / path).exists()]
+    assert missing == []
