@@ -85,8 +85,11 @@ BATCHER_MAX_ONGOING_REQUESTS = 100_000
 
 def batcher_deployment_options(config: AppConfig) -> dict[str, Any]:
     actor_options: dict[str, Any] = {"num_cpus": config.batcher.num_cpus}
-    if config.ingress.resources:
-        actor_options["resources"] = dict(config.ingress.resources)
+    resources = config.batcher.resources
+    if resources is None:
+        resources = config.ingress.resources
+    if resources:
+        actor_options["resources"] = dict(resources)
     return {
         "num_replicas": config.batcher.num_replicas,
         "ray_actor_options": actor_options,
@@ -100,8 +103,11 @@ def batcher_deployment_options(config: AppConfig) -> dict[str, Any]:
 def consumer_deployment_options(config: AppConfig) -> dict[str, Any]:
     consumer = config.jobs.consumer
     actor_options: dict[str, Any] = {"num_cpus": consumer.num_cpus}
-    if config.ingress.resources:
-        actor_options["resources"] = dict(config.ingress.resources)
+    resources = consumer.resources
+    if resources is None:
+        resources = config.ingress.resources
+    if resources:
+        actor_options["resources"] = dict(resources)
     return {
         "ray_actor_options": actor_options,
         # The Celery worker threads: jobs one replica runs at once.
@@ -128,10 +134,10 @@ def consumer_deployment_options(config: AppConfig) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    # model.source is not checked here: this runs in the Serve controller (the head pod),
-    # which never reads the weights and on KubeRay runs the lite image without them. Each
-    # model replica checks the directory where it loads it (resolve_model_dir), with the
-    # same one-line error.
+    # model.source and model.tiny_vae_source are not checked here: this runs in the Serve
+    # controller (the head pod), which never reads the weights and on KubeRay runs the lite
+    # image without them. Each model replica checks the directory where it loads it
+    # (resolve_model_dir, resolve_tiny_vae_dir), with the same one-line error.
     config = load_config(args)
     # What is known before any replica starts (a URL from a Secret is checked in them).
     confidential.check(config, **confidential_urls(config, resolve_env=False))

@@ -15,6 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EMBEDDED_TINY = "embedded:tiny-sdxl"
+# A random-weight AutoencoderTiny at toy size, generated offline (serve_app/model/tiny_model.py):
+# the tiny VAE of the embedded model (tests, the quick start).
+EMBEDDED_TINY_VAE = "embedded:tiny-taesd"
+# The tiny autoencoder for SDXL latents (diffusers AutoencoderTiny, TAESDXL).
+TAESDXL = "madebyollin/taesdxl"
 SIZE_PATTERN = re.compile(r"^(\d{2,4})x(\d{2,4})$")
 
 
@@ -61,8 +66,14 @@ class OptimizationConfig(StrictModel):
     cross_attention_kv_cache: bool = True
     # LRU cache of prompt embeddings (entries); 0 turns it off.
     prompt_cache_size: int = Field(default=64, ge=0)
-    # Opt-in: local directory of an AutoencoderTiny (e.g. taesdxl) to decode with.
-    tiny_vae: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tiny_vae" in data:
+            raise ValueError("model.optimization.tiny_vae was replaced by model.vae: tiny "
+                             "(and model.tiny_vae_source: <that directory>)")
+        return data
 
 
 class OpenVINOConfig(StrictModel):
@@ -73,9 +84,19 @@ class OpenVINOConfig(StrictModel):
     # the model's directory (beside the weights). Must be writable unless the IR for this
     # model, versions and options is already there (exported with `sdxl-turbo-export`).
     cache_dir: str | None = None
-    # int8: weights compressed to int8 with nncf.compress_weights at export. Unset: the
-    # dtype's weights (f32 IR for float32, f16-stored weights for bfloat16).
-    weights: Literal["int8"] | None = None
+    # int8: weights compressed to int8 with nncf.compress_weights at export; dtype: the
+    # dtype's weights (f32 IR for float32, f16-stored weights for bfloat16). Unset: from
+    # model.profile (fast: int8, quality: dtype).
+    weights: Literal["int8", "dtype"] | None = None
+    # int8 weights only: the CPU plugin quantizes activations to int8 on the fly in groups of
+    # this many (DYNAMIC_QUANTIZATION_GROUP_SIZE), so the int8 GEMMs run int8 x int8. 0 turns
+    # it off. Unset: the group measured fastest on this CPU class
+    # (serve_app.model.openvino.runtime.DYNAMIC_QUANTIZATION_MEASURED), else off.
+    dynamic_quantization_group_size: int | None = Field(default=None, ge=0, le=65536)
+    # OpenVINO's compiled-model cache (CACHE_DIR): a restarted replica loads its compiled
+    # networks from there instead of compiling again. Unset: `compiled/` beside the IR
+    # (model.openvino.cache_dir); "" turns it off.
+    compiled_cache_dir: str | None = None
 
 
 class ModelConfig(StrictModel):
@@ -83,6 +104,18 @@ class ModelConfig(StrictModel):
     # `stabilityai/sdxl-turbo`, or a local directory in diffusers format.
     source: str = EMBEDDED_TINY
     revision: str | None = None
+    # quality: the weights as they are and the full VAE. fast: int8 weights on OpenVINO
+    # (model.openvino.weights) and the tiny VAE (model.vae); each part can still be set alone.
+    profile: Literal["quality", "fast"] = "quality"
+    # What decodes latents to pixels (and encodes image-to-image inputs): full, the model's
+    # own AutoencoderKL; tiny, an AutoencoderTiny from model.tiny_vae_source (much faster,
+    # changes the images). Unset: from model.profile (fast: tiny, quality: full).
+    vae: Literal["full", "tiny"] | None = None
+    # The tiny VAE: a hub id, a local directory (an AutoencoderTiny in diffusers format), or
+    # `embedded:tiny-taesd` (random weights, toy size). Unset: the embedded one for the
+    # embedded model, else madebyollin/taesdxl.
+    tiny_vae_source: str | None = None
+    tiny_vae_revision: str | None = None
     # Where the embedded model is written; defaults to ~/.cache/sdxl-turbo-serve.
     cache_dir: str | None = None
     # auto: bfloat16 on CPUs with native bf16 (amx_bf16, avx512_bf16), float32 on others
@@ -106,6 +139,25 @@ class ModelConfig(StrictModel):
         for size in sizes:
             parse_size(size)
         return sizes
+
+    @property
+    def resolved_vae(self) -> Literal["full", "tiny"]:
+        if self.vae is not None:
+            return self.vae
+        return "tiny" if self.profile == "fast" else "full"
+
+    @property
+    def resolved_weights(self) -> Literal["int8", "dtype"]:
+        """The OpenVINO IR's weights (the torch backends run the dtype's weights)."""
+        if self.openvino.weights is not None:
+            return self.openvino.weights
+        return "int8" if self.profile == "fast" else "dtype"
+
+    @property
+    def resolved_tiny_vae_source(self) -> str:
+        if self.tiny_vae_source is not None:
+            return self.tiny_vae_source
+        return EMBEDDED_TINY_VAE if self.source == EMBEDDED_TINY else TAESDXL
 
 
 class BatchingConfig(StrictModel):
@@ -190,6 +242,9 @@ class BatcherConfig(StrictModel):
 
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.1, ge=0)
+    # Ray custom resources that pin batcher replicas to pods/nodes advertising them.
+    # Unset: ingress.resources (it runs beside the ingress).
+    resources: dict[str, float] | None = None
 
 
 class StoreConfig(StrictModel):
@@ -281,6 +336,9 @@ class ConsumerConfig(StrictModel):
     downscale_delay_s: float = Field(default=60.0, ge=0)
     # How often the policy reads the queue's length from the broker.
     queue_poll_interval_s: float = Field(default=2.0, gt=0)
+    # Ray custom resources that pin consumer replicas to pods/nodes advertising them.
+    # Unset: ingress.resources (it runs beside the ingress).
+    resources: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> ConsumerConfig:

@@ -132,6 +132,30 @@ class GenerationTimeout(ServiceError):
     status_code = 504
     code = "timeout"
 
+    def __init__(self, message: str, *, retry_after_s: int, request_id: str | None = None):
+        super().__init__(message, request_id=request_id)
+        # Most often no model replica took the call in time (all busy, or being replaced
+        # after their node was lost): worth sending again, later.
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class ReplicaLost(ServiceError):
+    """The replica that held the call died (its process or its whole node) and none took
+    the call in its place: Serve starts another, so the client sends again later."""
+
+    status_code = 503
+    code = "replica_lost"
+
+    def __init__(self, message: str, *, retry_after_s: int, request_id: str | None = None):
+        super().__init__(message, request_id=request_id)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
 
 class GenerationFailed(ServiceError):
     status_code = 500

@@ -81,7 +81,10 @@ class FakeGenerator:
 
 
 def load_fake_generator(config: Any) -> FakeGenerator:
-    return FakeGenerator(**config.model.generator_options)
+    generator = FakeGenerator(**config.model.generator_options)
+    # The profile as configured (the fake has no parts of its own to pick).
+    generator.info.update(profile=config.model.profile, parts={"unet": "fake", "vae": "fake"})
+    return generator
 
 
 def tee_present() -> str:

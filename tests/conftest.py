@@ -1,4 +1,5 @@
-"""Every test is marked by its folder: `unit`, `integration`, `kuberay` or `optimize`.
+"""Every test is marked by its folder: `unit`, `integration`, `kuberay`, `optimize` or
+`cluster`.
 
 `.ci/run` runs the tiers one by one with `-m` (fast ones first); `python -m pytest` still
 runs them all. tests/unit/test_markers.py checks that each test has exactly one.
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-FOLDER_MARKERS = ("unit", "integration", "kuberay", "optimize")
+FOLDER_MARKERS = ("unit", "integration", "kuberay", "optimize", "cluster")
 
 
 def folder_marker(path: Path) -> str | None:

@@ -32,7 +32,19 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "torch": {"backend": "torch"},
     "openvino": {"backend": "openvino"},
     "openvino-int8": {"backend": "openvino", "openvino": {"weights": "int8"}},
+    # int8 weights with int8 activations quantized on the fly (group 256 and 1024).
+    "openvino-int8-dq256": {"backend": "openvino", "openvino": {
+        "weights": "int8", "dynamic_quantization_group_size": 256}},
+    "openvino-int8-dq1024": {"backend": "openvino", "openvino": {
+        "weights": "int8", "dynamic_quantization_group_size": 1024}},
+    # The full-precision UNet with the tiny VAE.
+    "openvino-tiny-vae": {"backend": "openvino", "vae": "tiny"},
+    "torch-tiny-vae": {"backend": "torch", "vae": "tiny"},
+    # model.profile fast: int8 weights (OpenVINO only) and the tiny VAE.
+    "openvino-fast": {"backend": "openvino", "profile": "fast"},
+    "torch-fast": {"backend": "torch", "profile": "fast"},
     "auto": {"backend": "auto"},
+    "auto-fast": {"backend": "auto", "profile": "fast"},
 }
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -42,19 +54,24 @@ class Case:
     width: int
     height: int
     batch: int
+    steps: int | None = None  # None: the run's --step
 
     @property
     def name(self) -> str:
-        return f"{self.width}x{self.height} b{self.batch}"
+        name = f"{self.width}x{self.height} b{self.batch}"
+        return name if self.steps is None else f"{name} s{self.steps}"
 
     @classmethod
     def parse(cls, text: str) -> Case:
-        """`512x512` or `512x512x4` (batch 4)."""
-        parts = text.lower().split("x")
-        if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"case {text!r}: want WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH")
+        """`512x512`, `512x512x4` (batch 4), `512x512:1` (1 step)."""
+        shape, _, steps = text.lower().partition(":")
+        parts = shape.split("x")
+        if (len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts)
+                or (steps and not (steps.isdigit() and int(steps) > 0))):
+            raise ValueError(f"case {text!r}: want WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH, "
+                             f"optionally :STEPS")
         width, height, *batch = (int(p) for p in parts)
-        return cls(width, height, batch[0] if batch else 1)
+        return cls(width, height, batch[0] if batch else 1, int(steps) if steps else None)
 
 
 def parse_cases(text: str) -> list[Case]:
@@ -70,9 +87,10 @@ def parse_backends(text: str) -> list[str]:
 
 
 def app_config(label: str, *, model: str, dtype: str, threads: int, cache_dir: str,
-               sizes: list[str]) -> dict[str, Any]:
+               sizes: list[str], tiny_vae: str | None = None) -> dict[str, Any]:
     model_cfg: dict[str, Any] = {"source": model, "dtype": dtype, "warmup_sizes": [],
-                                 "openvino": {"cache_dir": cache_dir}}
+                                 "openvino": {"cache_dir": cache_dir},
+                                 "tiny_vae_source": tiny_vae}
     for key, value in BACKENDS[label].items():
         if isinstance(value, dict):
             model_cfg[key] = {**model_cfg.get(key, {}), **value}
@@ -93,7 +111,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     sizes = sorted({f"{c.width}x{c.height}" for c in cases})
     config = AppConfig.model_validate(app_config(
         spec["label"], model=spec["model"], dtype=spec["dtype"], threads=spec["threads"],
-        cache_dir=spec["cache_dir"], sizes=sizes))
+        cache_dir=spec["cache_dir"], sizes=sizes, tiny_vae=spec.get("tiny_vae")))
     started = time.perf_counter()
     generator = load_generator(config)
     out: dict[str, Any] = {"label": spec["label"], "load_s": time.perf_counter() - started,
@@ -113,10 +131,10 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         for _ in range(spec["repeat"]):
             timer.reset()
             began = time.perf_counter()
-            images = generator.generate([item(spec["steps"], spec["seed"])])[0]
+            images = generator.generate([item(case.steps or spec["steps"], spec["seed"])])[0]
             total = time.perf_counter() - began
             unet_calls = timer.calls.get("unet_s", 0)
-            runs.append({"total_s": total,
+            runs.append({"total_s": total, "unet_calls": unet_calls,
                          "unet_step_s": timer.totals.get("unet_s", 0.0) / max(unet_calls, 1),
                          "vae_decode_s": timer.totals.get("vae_decode_s", 0.0)})
         image_path = Path(spec["work_dir"]) / f"{spec['label']}-{case.name.replace(' ', '-')}.npy"
@@ -140,14 +158,15 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
 def run_backends(*, labels: list[str], cases: list[Case], model: str, dtype: str,
                  threads: int, rounds: int, repeat: int, steps: int, seed: int,
                  cache_dir: str | None = None, work_dir: str | None = None,
-                 spawn_fn: Any = spawn) -> dict[str, Any]:
+                 tiny_vae: str | None = None, spawn_fn: Any = spawn) -> dict[str, Any]:
     from serve_app.bench.direct import environment
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="sdxl-bench-backends-"))
     work.mkdir(parents=True, exist_ok=True)
     base = {"model": model, "dtype": dtype, "threads": threads, "repeat": repeat,
             "steps": steps, "seed": seed, "cases": [asdict(c) for c in cases],
-            "cache_dir": cache_dir or str(work / "openvino-ir"), "work_dir": str(work)}
+            "cache_dir": cache_dir or str(work / "openvino-ir"), "work_dir": str(work),
+            "tiny_vae": tiny_vae}
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     log = work / "results.jsonl"  # each child's result as it ends: a stopped run keeps them
     for _ in range(rounds):

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="turn every optimisation off except these")
     parser.add_argument("--tiny-vae", default=None,
                         help="directory of an AutoencoderTiny to decode with (opt-in), or "
-                             "'random' for random weights (speed only)")
+                             "'random' for random weights at taesdxl's size (speed only); "
+                             "with --backends: model.tiny_vae_source of the tiny-VAE rows")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr during timed runs (default: only when "
@@ -106,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--backends", default=None, metavar="LABEL,...",
                       help="e.g. torch-eager,torch,openvino,openvino-int8 (first = reference);"
                            " --model must be a diffusers directory")
-    side.add_argument("--cases", default="512x512,1024x1024,512x512x4", metavar="WxH[xB],...",
-                      help="sizes and batch per call (default: %(default)s)")
+    side.add_argument("--cases", default="512x512,1024x1024,512x512x4",
+                      metavar="WxH[xB][:STEPS],...",
+                      help="sizes, batch per call and steps (default --step) (default: "
+                           "%(default)s)")
     side.add_argument("--rounds", type=int, default=1,
                       help="times the whole backend sequence runs (default: %(default)s)")
     side.add_argument("--cache-dir", default=None, help="OpenVINO IR cache (default: a temp dir)")
@@ -133,15 +136,19 @@ def optimization_options(args: argparse.Namespace) -> Any:
     fields: dict[str, Any] = {k: v for k, v in switches.items() if k != "prompt_cache"}
     if not switches["prompt_cache"]:
         fields["prompt_cache_size"] = 0
+    return OptimizationConfig(**fields)
+
+
+def tiny_vae_dir(args: argparse.Namespace) -> str | None:
+    """--tiny-vae: a directory, or 'random' (random weights at taesdxl's size, written to a
+    temporary directory)."""
     if args.tiny_vae == "random":
         import tempfile
 
         from serve_app.bench.full_model import save_random_tiny_vae
 
-        fields["tiny_vae"] = str(save_random_tiny_vae(tempfile.mkdtemp(prefix="tiny-vae-")))
-    elif args.tiny_vae:
-        fields["tiny_vae"] = args.tiny_vae
-    return OptimizationConfig(**fields)
+        return str(save_random_tiny_vae(tempfile.mkdtemp(prefix="tiny-vae-")))
+    return args.tiny_vae
 
 
 def load_once(args: argparse.Namespace, body: dict[str, Any], concurrency: int,
@@ -200,7 +207,8 @@ def run_sweep_mode(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
         base_width=args.width, base_height=args.height, base_steps=args.step,
         base_batch=args.batch, repeat=args.repeat, prompt=args.prompt, seed=args.seed,
         warmup=args.warmup, dtype_name=resolve_dtype(args.dtype),
-        options=optimization_options(args), progress=progress, latency_grid=latency_grid)
+        options=optimization_options(args), progress=progress,
+        tiny_vae=tiny_vae_dir(args), latency_grid=latency_grid)
     result["mode"] = "sweep"
     result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
     print(format_sweep(result))
@@ -225,7 +233,7 @@ def run_backends_mode(args: argparse.Namespace) -> dict[str, Any]:
         labels=labels, cases=cases, model=args.model, dtype=args.dtype,
         threads=args.threads or len(os.sched_getaffinity(0)), rounds=args.rounds,
         repeat=args.repeat, steps=args.step, seed=args.seed, cache_dir=args.cache_dir,
-        work_dir=args.work_dir)
+        work_dir=args.work_dir, tiny_vae=tiny_vae_dir(args))
     result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
     print(format_table(result))
     return result
@@ -256,7 +264,8 @@ def run_direct_mode(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, repeat=args.repeat, batch=args.batch, steps=args.step,
         height=args.height, width=args.width, prompt=args.prompt, seed=args.seed,
         warmup=args.warmup, dtype_name=resolve_dtype(args.dtype),
-        options=optimization_options(args), progress=progress)
+        options=optimization_options(args), progress=progress,
+        tiny_vae=tiny_vae_dir(args))
     if args.interleave:
         if backends != ["eager", "optimized"]:
             raise SystemExit("--interleave needs --compare with --backend optimized")

@@ -248,7 +248,8 @@ def load_instrumented(model: str, dtype_name: str) -> tuple[Any, str, float, Sta
 
 def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, steps: int,
                height: int, width: int, prompt: str, seed: int, warmup: int, dtype_name: str,
-               options: Any = None, progress: bool = False) -> dict[str, Any]:
+               options: Any = None, progress: bool = False,
+               tiny_vae: str | None = None) -> dict[str, Any]:
     """Run the backends in order on one pipeline; 'eager' must come first if present."""
     import torch
 
@@ -275,7 +276,7 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
                 raise ValueError("eager must run before optimized (optimisation is in place)")
         elif backend == "optimized":
             stage = time.perf_counter()
-            report = optimize_pipeline(pipe, options or OptimizationConfig())
+            report = optimize_pipeline(pipe, options or OptimizationConfig(), tiny_vae=tiny_vae)
             entry["applied"], entry["skipped"] = report.applied, report.skipped
             entry["optimize_s"] = time.perf_counter() - stage
             instrument(pipe, timer, encode=False)
@@ -309,7 +310,8 @@ def run_direct(*, model: str, backends: list[str], repeat: int, batch: int, step
 
 def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: int,
                     width: int, prompt: str, seed: int, warmup: int, dtype_name: str,
-                    options: Any = None, progress: bool = False) -> dict[str, Any]:
+                    options: Any = None, progress: bool = False,
+                    tiny_vae: str | None = None) -> dict[str, Any]:
     """Eager and optimised pipelines side by side (two copies in memory, ~2x RAM), runs
     alternating E,O,O,E,E,O...: slow drifts in machine load hit both equally, and each
     pair gives its own ratio."""
@@ -326,7 +328,7 @@ def run_interleaved(*, model: str, repeat: int, batch: int, steps: int, height: 
     load_s = time.perf_counter() - started
     optimized = copy.deepcopy(eager)
     stage = time.perf_counter()
-    report = optimize_pipeline(optimized, options or OptimizationConfig())
+    report = optimize_pipeline(optimized, options or OptimizationConfig(), tiny_vae=tiny_vae)
     applied = report.applied
     optimize_s = time.perf_counter() - stage
     pipes = {"eager": eager, "optimized": optimized}
@@ -416,7 +418,7 @@ def run_sweep(*, model: str, backend: str, sizes: list[tuple[int, int]], steps_l
               batches: list[int], base_width: int, base_height: int, base_steps: int,
               base_batch: int, repeat: int, prompt: str, seed: int, warmup: int,
               dtype_name: str, options: Any = None, progress: bool = False,
-              latency_grid: bool = True) -> dict[str, Any]:
+              tiny_vae: str | None = None, latency_grid: bool = True) -> dict[str, Any]:
     """One pipeline, one backend, many shapes.
 
     latency: every size x steps at base_batch (when latency_grid); batches: every batch at
@@ -442,7 +444,7 @@ def run_sweep(*, model: str, backend: str, sizes: list[tuple[int, int]], steps_l
     }
     if backend == "optimized":
         stage = time.perf_counter()
-        report = optimize_pipeline(pipe, options or OptimizationConfig())
+        report = optimize_pipeline(pipe, options or OptimizationConfig(), tiny_vae=tiny_vae)
         result["applied"], result["skipped"] = report.applied, report.skipped
         result["optimize_s"] = time.perf_counter() - stage
         instrument(pipe, timer, encode=False)

@@ -184,6 +184,12 @@ class ReadyResponse(BaseModel):
         default=None, description="Why this backend: configured, or what `auto` measured.")
     dtype: str | None = None
     dtypeReason: str | None = None
+    profile: Literal["quality", "fast"] | None = Field(
+        default=None, description="model.profile: quality (the weights as they are, the "
+                                  "full VAE) or fast (int8 weights, the tiny VAE).")
+    parts: dict[str, str] | None = Field(
+        default=None, description="What runs: `unet` (its weights: the dtype, or int8) and "
+                                  "`vae` (full, or tiny with its source).")
     cpu: str | None = None
     device: str | None = None
     threads: int | None = None

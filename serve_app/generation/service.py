@@ -23,6 +23,7 @@ from serve_app.errors import (
     InvalidImage,
     NotSupported,
     Overloaded,
+    ReplicaLost,
 )
 from serve_app.generation.requests import new_request_id, plan_calls, seed_of
 from serve_app.generation.schemas import (
@@ -115,13 +116,21 @@ class GenerationService:
                     # The batcher replica died with the call (a model replica's death is
                     # handled in the batcher, which queues the batch again).
                     if attempt == REPLICA_LOST_RETRIES:
-                        raise
+                        raise ReplicaLost("the batching replica was lost; send again later",
+                                          retry_after_s=self.config.ingress.retry_after_s,
+                                          request_id=request_id) from None
                     logger.warning("request %s: batcher replica lost, retrying call %d",
                                    request_id, item.call_index)
             if result.error == "overloaded":
                 raise Overloaded("all model replicas are busy and the batching queue is full",
                                  retry_after_s=self.config.ingress.retry_after_s,
                                  request_id=request_id)
+            if result.error == "replica_lost":
+                # Lost with REPLICA_LOST_ATTEMPTS model replicas in a row (their node went
+                # away): not the request's fault, and not a pipeline error.
+                raise ReplicaLost("the model replica was lost; send again later",
+                                  retry_after_s=self.config.ingress.retry_after_s,
+                                  request_id=request_id)
             if on_call_done is not None and result.error is None:
                 on_call_done(len(result.images))
             return result, time.perf_counter() - start
@@ -133,8 +142,8 @@ class GenerationService:
         except asyncio.TimeoutError:
             raise GenerationTimeout(
                 f"generation took longer than {self.config.ingress.request_timeout_s}s",
-                request_id=request_id) from None
-        except Overloaded:
+                retry_after_s=self.config.ingress.retry_after_s, request_id=request_id) from None
+        except (Overloaded, ReplicaLost):
             for task in tasks:
                 task.cancel()  # the request's other calls give their places back
             raise

@@ -26,6 +26,7 @@ from serve_app.ingress.routes import jobs, native, openai, streams
 from serve_app.ingress.services import IngressServices
 from serve_app.jobs.broker import JobQueue, RedisKeys, confidential_urls, keys_url
 from serve_app.jobs.service import JobService
+from serve_app.ray_compat import known_replicas
 from serve_app.store import ImageStore
 from serve_app.tee import check_tee
 
@@ -79,7 +80,9 @@ class Ingress:
         assert store_cfg.url is not None  # AppConfig fills in the per-application default
         self.store = ImageStore(store_cfg.url, store_cfg.storage_options)
         readiness = ReadinessProbe(self._model_info, busy_errors=(BackPressureError,),
-                                   wait_s=READY_PROBE_WAIT_S)
+                                   wait_s=READY_PROBE_WAIT_S,
+                                   replicas=self._model_replicas
+                                   if self._model_never_at_zero() else None)
         readiness.start()
         self._stop = threading.Event()
         self._cleaner = threading.Thread(target=self._cleanup_loop, name="store-cleanup",
@@ -102,6 +105,17 @@ class Ingress:
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
+
+    def _model_never_at_zero(self) -> bool:
+        """No model replica is a fault only where the model never scales to zero (there,
+        a probe saying not ready would keep away the traffic that scales it up)."""
+        auto = self.config.replica.autoscaling
+        return auto is None or auto.min_replicas >= 1
+
+    def _model_replicas(self) -> int | None:
+        """Running model replicas as the handle's router knows them (the controller tells it
+        when one starts or dies); None when not known (serve_app/ray_compat.py)."""
+        return known_replicas(self.model)
 
     def _cleanup_loop(self) -> None:
         cfg = self.config.store

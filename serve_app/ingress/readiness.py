@@ -29,8 +29,12 @@ class ReadinessProbe:
     def __init__(self, ask: Callable[[], Awaitable[dict[str, Any]]], *,
                  busy_errors: tuple[type[BaseException], ...] = (),
                  wait_s: float = 0.5, give_up_s: float = 3.0,
+                 replicas: Callable[[], int | None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._ask = ask
+        # Model replicas known to be running (None: not known). An unanswered ask means a
+        # busy replica only while there is one: with none (its node lost), not ready.
+        self._replicas = replicas
         # Errors that mean "replicas are there but saturated" (Serve's back-pressure).
         self._busy_errors = busy_errors
         self.wait_s = wait_s
@@ -78,5 +82,7 @@ class ReadinessProbe:
     def _waiting(self) -> Readiness:
         # A replica that answered before and is now busy generating is still ready.
         if self.info is not None:
+            if self._replicas is not None and self._replicas() == 0:
+                return Readiness("unavailable", detail="no model replica running")
             return Readiness("busy", self.info)
         return Readiness("loading")

@@ -26,6 +26,7 @@ from serve_app.errors import (
     JobsUnavailable,
     NotFound,
     Overloaded,
+    ReplicaLost,
     ServiceError,
     error_body,
 )
@@ -269,6 +270,10 @@ class JobRunner:
             logger.warning("job %s: run %d failed (%s); the broker delivers it again",
                            record.id, record.attempts, err.code)
             raise JobRetry(job_id) from None
+        except JobRetry:
+            # Waited for capacity until the delivery's deadline, attempt not spent: the
+            # broker delivers it again (an "unexpected error" would fail the job).
+            raise
         except Exception:
             logger.exception("job %s: unexpected error", record.id)
             return await self._fail(record, {"code": "internal_error",
@@ -293,8 +298,9 @@ class JobRunner:
                 # Job calls wait behind interactive ones in the batching deployment.
                 return await self._generate(body, record.id, record.seed, base_url, progress,
                                             progress_key=record.id, priority="job")
-            except Overloaded as err:
-                # A full batching queue makes a job wait, not fail; no attempt is spent.
+            except (Overloaded, ReplicaLost) as err:
+                # A full batching queue, or replicas lost with their node while Serve
+                # replaces them, make a job wait, not fail; no attempt is spent.
                 record.progress.done = 0
                 if time.monotonic() + err.retry_after_s > deadline:
                     record.status, record.attempts = "queued", record.attempts - 1

@@ -66,7 +66,10 @@ class DiffusersGenerator:
 
             # dtype: from_pipe casts the shared modules to it (float32 when not given),
             # which would undo bfloat16 under the running text-to-image pipeline.
-            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe, dtype=self.dtype)
+            # vae passed on: from_pipe drops a module whose class is not the type hint's
+            # (an AutoencoderTiny, model.vae tiny).
+            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe, vae=self.pipe.vae,
+                                                                 dtype=self.dtype)
             img2img.set_progress_bar_config(disable=True)
             if "encode_prompt" in vars(self.pipe):  # the prompt_cache lever's LRU
                 img2img.encode_prompt = self.pipe.encode_prompt
@@ -131,3 +134,12 @@ def device_and_dtype(num_gpus: float, requested: str,
     the CPU's bf16 support (serve_app.model.cpu.choose_dtype), and float16 is refused."""
     device = "cuda" if num_gpus > 0 else "cpu"
     return device, cpu.choose_dtype(requested, device, cpu.host() if caps is None else caps)
+
+
+def profile_info(model_cfg: Any, *, unet: str, vae_source: str | None) -> dict[str, Any]:
+    """What /readyz and the playground show: model.profile and the parts that run
+    (`unet`: the UNet's weights, e.g. "int8" or the dtype; `vae_source`: the tiny VAE's
+    source, None for the full VAE)."""
+    return {"profile": model_cfg.profile,
+            "parts": {"unet": unet,
+                      "vae": "full" if vae_source is None else f"tiny ({vae_source})"}}

@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
 from serve_app.config import AppConfig
 from serve_app.model import cpu
 from serve_app.model.backend import BackendChoice, apply_ipex, select_backend
-from serve_app.model.diffusers_generator import DTYPES, DiffusersGenerator, device_and_dtype
+from serve_app.model.diffusers_generator import (
+    DTYPES,
+    DiffusersGenerator,
+    device_and_dtype,
+    profile_info,
+)
 from serve_app.model.source import resolve_model_dir
 
 logger = logging.getLogger(__name__)
+
+
+def _load_tiny(model_cfg: Any, dtype: torch.dtype) -> Any:
+    from serve_app.model.tiny_vae import load_tiny_vae, resolve_tiny_vae_dir
+
+    return load_tiny_vae(resolve_tiny_vae_dir(model_cfg.resolved_tiny_vae_source,
+                                              model_cfg.tiny_vae_revision, model_cfg.cache_dir),
+                         dtype)
 
 
 def _fallback_warning(exc: Exception) -> str:
@@ -66,7 +80,10 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     logger.info("model files at %s (%.2fs)", model_dir, time.perf_counter() - started)
 
     stage = time.perf_counter()
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype)
+    tiny_vae = model_cfg.resolved_vae == "tiny"
+    # The tiny VAE replaces the full one before it is loaded: no 160 M-parameter VAE in memory.
+    parts: dict[str, Any] = {"vae": _load_tiny(model_cfg, dtype)} if tiny_vae else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype, **parts)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     logger.info("pipeline loaded in %.2fs", time.perf_counter() - stage)
@@ -79,6 +96,9 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
         applied, skipped = report.applied, report.skipped
     else:
         applied, skipped = [], {}
+    if model_cfg.resolved_weights == "int8":
+        skipped = {**skipped, "int8_weights": f"int8 weights run on backend openvino; "
+                                              f"backend {backend.name} runs {dtype_name}"}
     apply_ipex(backend, pipe, dtype)
     logger.info("backend %s (%s), optimisations %s, skipped %s, in %.2fs", backend.name,
                 backend.reason, applied, skipped, time.perf_counter() - stage)
@@ -95,6 +115,8 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
         "optimizations": applied,
         "optimizations_skipped": skipped,
         "warnings": warnings,
+        **profile_info(model_cfg, unet=dtype_name,
+                       vae_source=model_cfg.resolved_tiny_vae_source if tiny_vae else None),
     }
     generator = DiffusersGenerator(pipe, device=device, dtype=dtype, info=info)
     stage = time.perf_counter()

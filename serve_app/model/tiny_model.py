@@ -132,3 +132,39 @@ def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+TINY_VAE_VERSION = "v1"
+
+
+def build_tiny_vae():
+    """AutoencoderTiny (taesdxl's classes: 4 latent channels, 8x scale) at toy size."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(WEIGHTS_SEED)
+    return AutoencoderTiny(encoder_block_out_channels=(16, 16, 16, 16),
+                           decoder_block_out_channels=(16, 16, 16, 16),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                           scaling_factor=1.0)
+
+
+def ensure_tiny_vae(cache_dir: str | Path | None = None) -> Path:
+    """The embedded tiny VAE's directory (`embedded:tiny-taesd`), generated once."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / f"tiny-taesd-{TINY_VAE_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    logger.info("generating the embedded tiny VAE in %s", target)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-taesd-", dir=root))
+    try:
+        build_tiny_vae().save_pretrained(staging, safe_serialization=True)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

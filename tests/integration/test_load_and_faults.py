@@ -78,4 +78,5 @@ def test_a_request_past_its_timeout_gets_504_not_a_hang(deployed, tmp_path):
     elapsed = time.monotonic() - started
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "timeout"
+    assert response.headers["retry-after"] == "5"
     assert elapsed < 4.0

@@ -57,7 +57,9 @@ def run_app(name: str, paths: dict[str, Path]) -> dict:
             if img2img.status_code == 200 else None
         return {"ready": ready, "info": info, "response": response, "png": png,
                 "img2img": img2img, "img2img_png": img2img_png,
-                "mtimes": {p.name: p.stat().st_mtime_ns for p in ir.iterdir()}}
+                "mtimes": {p.name: p.stat().st_mtime_ns for p in ir.iterdir()},
+                "compiled": {p.name: p.stat().st_mtime_ns for p in
+                             Path(info["openvino"]["compiled_cache_dir"]).iterdir()}}
     finally:
         serve.delete(name)
 
@@ -85,7 +87,8 @@ def test_readyz_reports_the_openvino_backend(first):
     assert (ready["status"], ready["backend"], ready["dtype"], ready["threads"]) == (
         "ready", "openvino", expected, 2)
     assert ready["dtypeReason"].endswith(f"; OpenVINO CPU INFERENCE_PRECISION_HINT {expected}")
-    assert ready["optimizations"] == {"applied": ["openvino_ir", "prompt_cache"],
+    assert ready["optimizations"] == {"applied": ["openvino_ir", "compiled_cache",
+                                                  "prompt_cache"],
                                       "skipped": {}}
 
 
@@ -120,6 +123,16 @@ def test_a_second_deployment_starts_from_the_cached_ir(first, second):
     # Same backend, same seed: the same PNG bytes.
     assert second["response"].status_code == 200
     assert second["png"].content == first["png"].content
+
+
+def test_a_second_deployment_imports_the_compiled_networks(first, second, paths):
+    """OpenVINO's compiled-model cache, per CPU class beside the IR: the first start wrote
+    one blob per network, the second imported them (nothing written again)."""
+    where = Path(first["info"]["openvino"]["compiled_cache_dir"])
+    assert where == paths["ir"] / "compiled" / cpu.host().cpu_class
+    assert len([name for name in first["compiled"] if name.endswith(".blob")]) == 5
+    assert second["compiled"] == first["compiled"]
+    assert second["info"]["openvino"]["compiled_cache_dir"] == str(where)
 
 
 def test_image_to_image_runs_on_openvino(first, second):

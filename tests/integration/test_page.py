@@ -102,6 +102,10 @@ def test_playground_generates_and_shows_errors(browser, fake_app):
     # 1. Load the page (under the /fake route prefix, no trailing slash).
     browser.get(fake_app)
     assert browser.title == "SDXL-Turbo playground"
+    # What the replicas run, read from /readyz (the fake reports the configured profile).
+    _wait(browser, lambda d: d.find_element(By.ID, "running").is_displayed(), "the profile")
+    assert browser.find_element(By.ID, "running").text == (
+        "Running: profile quality (UNet fake, VAE fake) on fake, uint8.")
 
     # 2. Submit a prompt: 512x512, 2 steps, 2 images (so there is a grid).
     browser.find_element(By.ID, "prompt").send_keys("a lighthouse at dusk")

@@ -158,19 +158,23 @@ def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
               # The session's test broker is plain redis://, the store a local directory.
               "protections": {"confidential": False, "brokerTls": "none",
                               "storeEncryption": "none", "storeTls": False,
-                              "acceptedRisks": []}}
+                              "acceptedRisks": []},
+              "profile": "quality"}
     if caps.cpu_class in OPENVINO_MEASURED_FASTER:
         assert reason.startswith("auto: OpenVINO 20")
         assert reason.endswith(f" measured fastest on {caps.cpu_class} CPUs "
                                f"({OPENVINO_MEASURED_FASTER[caps.cpu_class]})")
         assert body == {**common, "backend": "openvino",
+                        "parts": {"unet": choice.name, "vae": "full"},
                         "dtypeReason": f"{choice.reason}; OpenVINO CPU "
                                        f"INFERENCE_PRECISION_HINT {choice.name}",
-                        "optimizations": {"applied": ["openvino_ir", "prompt_cache"],
+                        "optimizations": {"applied": ["openvino_ir", "compiled_cache",
+                                                      "prompt_cache"],
                                           "skipped": {}}}
     else:
         assert reason.startswith(f"auto: OpenVINO not measured on {caps.cpu_class} CPUs; ")
         assert body == {**common, "backend": "torch", "dtypeReason": choice.reason,
+                        "parts": {"unet": choice.name, "vae": "full"},
                         "optimizations": {"applied": ["fuse_attention",
                                                       "cross_attention_kv_cache",
                                                       "fuse_geglu", "prepack_linear",

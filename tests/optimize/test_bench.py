@@ -235,7 +235,8 @@ def test_backends_side_by_side_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert eager["cases"]["128x128 b1"]["image_diff_vs_reference"]["max_abs"] == 0
     assert eager["cases"]["128x128 b1"]["speedup_vs_reference"] == 1.0
     assert "prepack_linear" in data["backends"]["torch"]["applied"]
-    assert data["backends"]["openvino"]["applied"] == ["openvino_ir", "prompt_cache"]
+    assert data["backends"]["openvino"]["applied"] == ["openvino_ir", "compiled_cache",
+                                                      "prompt_cache"]
     # float32 OpenVINO matches torch eager float32 (tests/optimize/test_openvino.py).
     ov = data["backends"]["openvino"]["cases"]["128x128 b2"]["image_diff_vs_reference"]
     assert ov["mean_abs"] <= 0.01 and ov["max_abs"] <= 2
@@ -250,3 +251,39 @@ def test_backends_mode_refuses_the_in_memory_full_model_and_unknown_labels(tmp_p
         main(["--backends", "torch,tensorrt", "--model", str(tmp_path)])
     with pytest.raises(SystemExit, match="case '512': want WIDTHxHEIGHT"):
         main(["--backends", "torch", "--model", str(tmp_path), "--cases", "512"])
+    with pytest.raises(SystemExit, match="case '512x512:0': want WIDTHxHEIGHT"):
+        main(["--backends", "torch", "--model", str(tmp_path), "--cases", "512x512:0"])
+
+
+def test_backends_fast_rows_on_tiny_model(tiny_model_dir, tmp_path):
+    """The fast-profile rows: each runs its parts (int8 weights on OpenVINO only, the tiny
+    VAE from --tiny-vae), per-case steps, and every row's image is compared with torch
+    eager at the same dtype."""
+    pytest.importorskip("openvino")
+    from serve_app.model.tiny_model import ensure_tiny_vae
+
+    vae = ensure_tiny_vae(tmp_path / "vae")
+    out = tmp_path / "fast.json"
+    assert main(["--backends", "torch-eager,torch-fast,openvino-tiny-vae,openvino-fast",
+                 "--model", str(tiny_model_dir), "--cases", "128x128:1,128x128:2",
+                 "--repeat", "1", "--threads", "2", "--dtype", "float32",
+                 "--tiny-vae", str(vae), "--cache-dir", str(tmp_path / "ir"),
+                 "--work-dir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    backends = data["backends"]
+    assert list(backends) == ["torch-eager", "torch-fast", "openvino-tiny-vae",
+                              "openvino-fast"]
+    assert "tiny_vae" not in backends["torch-eager"]["applied"]
+    assert backends["openvino-fast"]["applied"][:2] == ["openvino_ir", "int8_weights"]
+    assert "int8_weights" not in backends["openvino-tiny-vae"]["applied"]
+    for label, entry in backends.items():
+        assert list(entry["cases"]) == ["128x128 b1 s1", "128x128 b1 s2"], label
+        for case in entry["cases"].values():
+            assert case["calls"] == 1
+            assert 0 < case["vae_decode_s"] < case["total_s"]
+            diff = case["image_diff_vs_reference"]
+            # The tiny VAE decodes other pixels than the full one (random weights: drift).
+            assert (diff["max_abs"] == 0) == (label == "torch-eager"), (label, diff)
+        # One step runs one UNet call, two steps two: the per-case steps were used.
+        runs = data["rounds"][label][0]["cases"]
+        assert [runs[name]["runs"][0]["unet_calls"] for name in entry["cases"]] == [1, 2]

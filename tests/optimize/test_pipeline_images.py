@@ -141,14 +141,16 @@ def test_bf16_on_a_cpu_without_onednn_bf16_skips_those_levers_with_the_reason(
 
 
 def test_tiny_vae_is_opt_in_and_loads_from_a_directory(tiny_model_dir, tmp_path, auto_dtype):
+    """The benchmark's tiny-VAE switch (a replica's is model.vae: tiny, off by default)."""
     from diffusers import AutoencoderTiny
 
     from serve_app.bench.full_model import save_random_tiny_vae
+    from serve_app.config import ModelConfig
 
-    assert OptimizationConfig().tiny_vae is None
+    assert ModelConfig().resolved_vae == "full"
     path = save_random_tiny_vae(tmp_path / "taesdxl")
     pipe = load(tiny_model_dir, auto_dtype)
-    report = optimize_pipeline(pipe, OptimizationConfig(**dict(ALL_OFF, tiny_vae=str(path))))
+    report = optimize_pipeline(pipe, OptimizationConfig(**ALL_OFF), tiny_vae=str(path))
     assert report.applied == ["tiny_vae"] and isinstance(pipe.vae, AutoencoderTiny)
     out = images(pipe)  # random decoder weights: only the shape is meaningful
     assert out.shape == (3, 128, 128, 3) and out.dtype == np.uint8

@@ -9,6 +9,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import (
     batcher_deployment_options,
+    consumer_deployment_options,
     ingress_deployment_options,
     model_deployment_options,
 )
@@ -67,6 +68,25 @@ def test_the_batcher_holds_the_queue_and_the_batching_settings():
                                       "max_images_per_call": 8, "max_batch_image_steps": 16.0,
                                       "job_max_wait_s": 30.0}
     assert model_deployment_options(config)["max_ongoing_requests"] == 1
+
+
+def test_the_batcher_and_the_consumer_can_be_pinned_apart_from_the_ingress():
+    beside = AppConfig.model_validate({"ingress": {"resources": {"ingress": 1}}})
+    assert consumer_deployment_options(beside)["ray_actor_options"] == {
+        "num_cpus": 0.1, "resources": {"ingress": 1}}
+    apart = AppConfig.model_validate({
+        "ingress": {"resources": {"ingress": 1}},
+        "batcher": {"resources": {"batcher_node": 1}},
+        "jobs": {"consumer": {"resources": {"consumer_node": 0.5}}},
+    })
+    assert batcher_deployment_options(apart)["ray_actor_options"] == {
+        "num_cpus": 0.1, "resources": {"batcher_node": 1}}
+    assert consumer_deployment_options(apart)["ray_actor_options"] == {
+        "num_cpus": 0.1, "resources": {"consumer_node": 0.5}}
+    # An empty mapping pins nothing, even where the ingress is pinned.
+    free = AppConfig.model_validate({"ingress": {"resources": {"ingress": 1}},
+                                     "batcher": {"resources": {}}})
+    assert batcher_deployment_options(free)["ray_actor_options"] == {"num_cpus": 0.1}
 
 
 def test_float16_without_gpu_is_rejected():

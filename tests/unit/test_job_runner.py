@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from serve_app.config import AppConfig
-from serve_app.errors import GenerationFailed, Overloaded
+from serve_app.errors import GenerationFailed, Overloaded, ReplicaLost
 from serve_app.jobs.records import JobRecord, Progress, dump, load
 from serve_app.jobs.service import JobFailed, JobRetry, JobRunner
 from serve_app.store import ImageStore
@@ -18,7 +18,7 @@ from serve_app.store import job_record_name as record_name
 
 class ScriptedGenerate:
     """The generation service as the runner calls it; `script` says what successive runs
-    do: "ok", "fail" (a generation error) or "overloaded"."""
+    do: "ok", "fail" (a generation error), "overloaded" or "lost" (replicas lost)."""
 
     def __init__(self, script: list[str]) -> None:
         self.script = list(script)
@@ -32,6 +32,10 @@ class ScriptedGenerate:
             raise GenerationFailed("image generation failed", request_id=request_id)
         if action == "overloaded":
             raise Overloaded("full", retry_after_s=0)
+        if action == "lost":
+            raise ReplicaLost("lost", retry_after_s=0)
+        if action == "lost_retry_in_200s":
+            raise ReplicaLost("lost", retry_after_s=200)
         on_call_done(1)
         return {"id": request_id, "output": [{"url": "u"}]}
 
@@ -110,6 +114,25 @@ def test_a_full_batching_queue_makes_the_job_wait_without_spending_an_attempt():
     runner, store, generate, job_id = setup(["overloaded", "overloaded", "ok"])
     assert asyncio.run(runner.run(job_id, "http://h")) == "succeeded"
     assert (stored(store, job_id).attempts, len(generate.runs)) == (1, 3)
+
+
+def test_replicas_lost_with_their_node_make_the_job_wait_without_spending_an_attempt():
+    # More losses in a row than the job has attempts: a node away for a while loses none.
+    runner, store, generate, job_id = setup(["lost"] * 4 + ["ok"])
+    assert asyncio.run(runner.run(job_id, "http://h")) == "succeeded"
+    assert (stored(store, job_id).attempts, len(generate.runs)) == (1, 5)
+
+
+def test_a_wait_past_the_deliverys_deadline_is_delivered_again_with_no_attempt_spent():
+    # Retry-After 200 s: past the delivery's deadline (half the 310 s visibility timeout).
+    runner, store, generate, job_id = setup(["lost_retry_in_200s", "ok"], broker={
+        "visibility_timeout_s": 310.0})
+    with pytest.raises(JobRetry):
+        asyncio.run(runner.run(job_id, "http://h"))
+    record = stored(store, job_id)
+    assert (record.status, record.attempts, record.error) == ("queued", 0, None)
+    assert asyncio.run(runner.run(job_id, "http://h")) == "succeeded"
+    assert (stored(store, job_id).attempts, len(generate.runs)) == (1, 2)
 
 
 def test_a_delivery_whose_record_expired_is_dropped():

@@ -1,5 +1,5 @@
 """Every collected test carries exactly one folder marker (tests/conftest.py), so running
-the four tiers with `-m` (as .ci/run does) runs every test once."""
+the five tiers with `-m` (as .ci/run does) runs every test once."""
 
 import re
 import subprocess
@@ -12,7 +12,7 @@ ROOT = TESTS.parent
 
 
 def test_each_folder_gives_its_marker():
-    assert FOLDER_MARKERS == ("unit", "integration", "kuberay", "optimize")
+    assert FOLDER_MARKERS == ("unit", "integration", "kuberay", "optimize", "cluster")
     for folder in FOLDER_MARKERS:
         assert folder_marker(TESTS / folder / "test_x.py") == folder
     assert folder_marker(Path(__file__)) == "unit"

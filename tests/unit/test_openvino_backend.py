@@ -130,9 +130,16 @@ def test_sizes_the_ir_cannot_run_fail_the_start():
 def test_compile_properties_follow_threads_and_dtype():
     from serve_app.model.openvino.runtime import compile_properties, precision_name
 
+    # Dynamic quantization off unless asked for (explicitly: the CPU plugin's own default
+    # group applies otherwise); no compiled-model cache unless given.
     assert compile_properties(14, "bfloat16") == {
         "INFERENCE_NUM_THREADS": 14, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-        "INFERENCE_PRECISION_HINT": "bf16"}
+        "INFERENCE_PRECISION_HINT": "bf16", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
     assert compile_properties(2, "float32")["INFERENCE_PRECISION_HINT"] == "f32"
+    assert compile_properties(2, "float32", dynamic_quantization_group=256,
+                              cache_dir="/ir/compiled/avx2") == {
+        "INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 256,
+        "CACHE_DIR": "/ir/compiled/avx2"}
     assert [precision_name(h) for h in ("f32", "bf16", "f16")] == [
         "float32", "bfloat16", "float16"]

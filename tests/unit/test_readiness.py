@@ -67,6 +67,42 @@ def test_busy_after_ready_keeps_the_last_info_and_errors_make_it_unavailable():
     assert states[3].detail == "RuntimeError"
 
 
+def test_an_unanswered_ask_with_no_model_replica_running_is_unavailable_not_busy():
+    """Its node lost, the replica answers nothing: with no replica left, not ready."""
+    answers = [{"model": "m"}, "hang", "hang"]
+    running = [1]
+
+    async def ask():
+        if answers.pop(0) == "hang":
+            await asyncio.sleep(10)
+        return {"model": "m"}
+
+    async def main():
+        probe = ReadinessProbe(ask, wait_s=0.05, give_up_s=0.1, replicas=lambda: running[0])
+        states = [await probe.check()]  # ready
+        states.append(await probe.check())  # unanswered, a replica runs: busy
+        running[0] = 0  # the controller saw it die
+        await asyncio.sleep(0.15)
+        states.append(await probe.check())  # asked again, unanswered, no replica
+        return states
+
+    states = asyncio.run(main())
+    assert [s.state for s in states] == ["ready", "busy", "unavailable"]
+    assert states[2].detail == "no model replica running"
+
+
+def test_the_replica_count_unknown_keeps_the_busy_answer():
+    async def ask():
+        await asyncio.sleep(10)
+
+    async def main():
+        probe = ReadinessProbe(ask, wait_s=0.05, replicas=lambda: None)
+        probe.info = {"model": "m"}  # answered before
+        return await probe.check()
+
+    assert (asyncio.run(main()).state) == "busy"
+
+
 def test_never_answered_and_saturated_is_loading():
     async def ask():
         raise Saturated()

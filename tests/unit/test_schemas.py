@@ -110,7 +110,8 @@ def test_ready_response_has_the_fields_of_the_readyz_route():
 def test_ready_response_reads_a_real_readyz_body():
     body = {"status": "ready", "busy": False, "model": "embedded:tiny-sdxl",
             "backend": "torch", "backendReason": "auto: OpenVINO not measured on avx512 CPUs",
-            "dtype": "float32", "dtypeReason": "no native bf16",
+            "dtype": "float32", "dtypeReason": "no native bf16", "profile": "fast",
+            "parts": {"unet": "float32", "vae": "tiny (embedded:tiny-taesd)"},
             "cpu": "x86_64 avx2", "device": "cpu", "threads": 2, "tee": None,
             "protections": {"confidential": False, "brokerTls": "none",
                             "storeEncryption": "none", "storeTls": False, "acceptedRisks": []},

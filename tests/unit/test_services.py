@@ -11,7 +11,7 @@ import pytest
 from ray.exceptions import RayActorError
 
 from serve_app.config import AppConfig
-from serve_app.errors import GenerationFailed, Overloaded
+from serve_app.errors import GenerationFailed, GenerationTimeout, Overloaded, ReplicaLost
 from serve_app.generation.schemas import Text2ImageRequest
 from serve_app.generation.service import GenerationService
 from serve_app.jobs.records import JobRequest
@@ -22,7 +22,8 @@ from serve_app.store import ImageStore
 
 class FakeBatcher:
     """What a Serve handle to the Batcher offers: `generate.remote(call)`, awaitable.
-    `script` lists what successive calls do: "ok", "overloaded", "error" or "lost"."""
+    `script` lists what successive calls do: "ok", "overloaded", "error", "lost" (the
+    batcher replica died) or "model_lost" (the batcher gave up on lost model replicas)."""
 
     def __init__(self, script: list[str] | None = None, delay_s: float = 0.0) -> None:
         self.script = list(script or [])
@@ -39,6 +40,8 @@ class FakeBatcher:
     async def _answer(self, call: GenerationItem, action: str) -> ModelResult:
         if action == "overloaded":  # the batcher's queue is full: it answers at once
             return ModelResult(error="overloaded")
+        if action == "model_lost":
+            return ModelResult(error="replica_lost")
         try:
             await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:
@@ -93,6 +96,33 @@ def test_a_full_queue_is_503_and_the_other_calls_give_their_places_back():
         asyncio.run(gen.generate(request(number=3), "c" * 32, 1, "http://h"))
     assert (info.value.status_code, info.value.headers()) == (503, {"Retry-After": "9"})
     assert batcher.cancelled == 2
+
+
+def test_a_batcher_replica_lost_on_every_try_is_503_with_retry_after():
+    batcher = FakeBatcher(["lost", "lost", "lost", "ok"])
+    gen = service(batcher, ingress={"retry_after_s": 4})
+    with pytest.raises(ReplicaLost) as info:
+        asyncio.run(gen.generate(request(), "e" * 32, 1, "http://h"))
+    assert (info.value.status_code, info.value.code, info.value.headers()) == (
+        503, "replica_lost", {"Retry-After": "4"})
+    assert len(batcher.calls) == 3  # the first try and REPLICA_LOST_RETRIES more
+
+
+def test_model_replicas_lost_on_every_try_are_503_with_retry_after_not_a_500():
+    gen = service(FakeBatcher(["model_lost"]), ingress={"retry_after_s": 6})
+    with pytest.raises(ReplicaLost) as info:
+        asyncio.run(gen.generate(request(), "f" * 32, 1, "http://h"))
+    assert (info.value.status_code, info.value.headers(), info.value.request_id) == (
+        503, {"Retry-After": "6"}, "f" * 32)
+
+
+def test_a_call_past_the_request_timeout_is_504_with_retry_after():
+    gen = service(FakeBatcher(delay_s=5.0), ingress={"request_timeout_s": 0.05,
+                                                     "retry_after_s": 3})
+    with pytest.raises(GenerationTimeout) as info:
+        asyncio.run(gen.generate(request(), "g" * 32, 1, "http://h"))
+    assert (info.value.status_code, info.value.code, info.value.headers()) == (
+        504, "timeout", {"Retry-After": "3"})
 
 
 def test_a_pipeline_error_is_a_500_with_the_request_id():

@@ -69,6 +69,8 @@ async def readyz(svc: Services) -> JSONResponse:
         "backendReason": info.get("backend_reason"),
         "dtype": info.get("dtype"),
         "dtypeReason": info.get("dtype_reason"),
+        "profile": info.get("profile"),
+        "parts": info.get("parts"),
         "cpu": info.get("cpu"),
         "device": info.get("device"),
         "threads": info.get("threads"),

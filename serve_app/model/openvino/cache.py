@@ -35,6 +35,10 @@ EXPORT_FORMAT = 2
 # encodes an image).
 # vae_encoder: image-to-image encodes its input image (format 2 added it).
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# model.vae tiny: the AutoencoderTiny's decoder and encoder, an entry of their own (keyed by
+# the tiny VAE's files), so switching the VAE never exports the UNet again.
+TINY_VAE_NETWORKS = ("tiny_vae_decoder", "tiny_vae_encoder")
+COMPONENT_NETWORKS = {"pipeline": NETWORKS, "tiny_vae": TINY_VAE_NETWORKS}
 # Model files that decide what the IR holds: the components' configs and weights, the
 # tokenizers and scheduler the runtime loads beside it.
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -58,8 +62,17 @@ class ExportSpec:
     dtype: str
     revision: str | None = None
     weights: str | None = None  # "int8" or None (the dtype's weights)
+    # "pipeline" (the model's networks) or "tiny_vae" (model_dir: the AutoencoderTiny's).
+    component: str = "pipeline"
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return COMPONENT_NETWORKS[self.component]
 
     def __post_init__(self) -> None:
+        if self.component not in COMPONENT_NETWORKS:
+            raise ValueError(f"OpenVINO export component must be one of "
+                             f"{sorted(COMPONENT_NETWORKS)}, got {self.component!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"OpenVINO export dtype must be float32 or bfloat16, "
                              f"got {self.dtype!r}")
@@ -101,7 +114,9 @@ def model_fingerprint(model_dir: str | Path) -> dict[str, Any]:
     gets a new one and so a new export)."""
     root = Path(model_dir)
     files: dict[str, Any] = {}
-    candidates = [root / "model_index.json"]
+    # An AutoencoderTiny directory is one component: its config and weights at the top.
+    candidates = [root / "model_index.json", root / "config.json",
+                  *sorted(root.glob("*.safetensors"))]
     for part in MODEL_PARTS:
         if (root / part).is_dir():
             candidates.extend(sorted(p for p in (root / part).rglob("*") if p.is_file()))
@@ -120,21 +135,27 @@ def model_fingerprint(model_dir: str | Path) -> dict[str, Any]:
 def key_material(spec: ExportSpec, *, fingerprint: dict[str, Any] | None = None,
                  package_versions: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything the IR depends on; its hash names the cache entry."""
+    options = {"dtype": spec.dtype, "weights": spec.weights or "dtype"}
+    if spec.component != "pipeline":  # the pipeline's keys stay as they were before it
+        options["component"] = spec.component
     return {
         "format": EXPORT_FORMAT,
         "model": {"source": spec.source, "revision": spec.revision,
                   "files": model_fingerprint(spec.model_dir) if fingerprint is None
                   else fingerprint},
         "versions": versions(spec.weights) if package_versions is None else package_versions,
-        "options": {"dtype": spec.dtype, "weights": spec.weights or "dtype"},
+        "options": options,
     }
 
 
 def entry_name(material: dict[str, Any]) -> str:
-    """`<dtype>-<weights>-<16 hex digits of the material's sha256>`."""
+    """`<dtype>-<weights>-<16 hex digits of the material's sha256>` (a tiny VAE's entry:
+    `tiny_vae-<dtype>-<digits>`)."""
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     options = material["options"]
+    if "component" in options:
+        return f"{options['component']}-{options['dtype']}-{digest}"
     return f"{options['dtype']}-{options['weights']}-{digest}"
 
 
@@ -145,10 +166,10 @@ def cache_root(model_dir: str | Path, configured: str | None) -> Path:
     return Path(model_dir) / DEFAULT_SUBDIR
 
 
-def is_complete(entry: Path) -> bool:
+def is_complete(entry: Path, networks: tuple[str, ...] = NETWORKS) -> bool:
     return (entry / MARKER).is_file() and all(
         (entry / f"{name}.xml").is_file() and (entry / f"{name}.bin").is_file()
-        for name in NETWORKS)
+        for name in networks)
 
 
 def not_writable_reason(root: Path) -> str | None:

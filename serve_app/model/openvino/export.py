@@ -33,7 +33,6 @@ from typing import Any
 
 from serve_app.model.openvino.cache import (
     MARKER,
-    NETWORKS,
     ExportSpec,
     cache_root,
     entry_name,
@@ -182,12 +181,47 @@ def _convert_vae_encoder(model_dir: str) -> tuple[Any, dict[str, Any]]:
     return model, dict(vae.config)
 
 
+def _load_tiny_vae(model_dir: str) -> Any:
+    import torch
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _convert_tiny_vae_decoder(model_dir: str) -> tuple[Any, dict[str, Any]]:
+    """AutoencoderTiny.decode: latents -> pixels in [-1, 1] (model_dir: its own directory)."""
+    import openvino as ov
+    import torch
+
+    vae = _load_tiny_vae(model_dir)
+    channels = int(vae.config.latent_channels)
+    with torch.no_grad():
+        model = ov.convert_model(vae.decoder, example_input=(torch.randn(1, channels, 16, 16),),
+                                 input=[([-1, channels, -1, -1], ov.Type.f32)])
+    return model, dict(vae.config)
+
+
+def _convert_tiny_vae_encoder(model_dir: str) -> tuple[Any, dict[str, Any]]:
+    """AutoencoderTiny.encode: pixels in [-1, 1] -> latents (deterministic: no sampling)."""
+    import openvino as ov
+    import torch
+
+    vae = _load_tiny_vae(model_dir)
+    channels = int(vae.config.in_channels)
+    with torch.no_grad():
+        model = ov.convert_model(vae.encoder, example_input=(torch.randn(1, channels, 128, 128),),
+                                 input=[([-1, channels, -1, -1], ov.Type.f32)])
+    return model, dict(vae.config)
+
+
 CONVERTERS: dict[str, Callable[[str], tuple[Any, dict[str, Any]]]] = {
     "text_encoder": lambda d: _convert_text_encoder(d, "text_encoder"),
     "text_encoder_2": lambda d: _convert_text_encoder(d, "text_encoder_2"),
     "unet": _convert_unet,
     "vae_decoder": _convert_vae_decoder,
     "vae_encoder": _convert_vae_encoder,
+    "tiny_vae_decoder": _convert_tiny_vae_decoder,
+    "tiny_vae_encoder": _convert_tiny_vae_encoder,
 }
 
 
@@ -208,7 +242,7 @@ def export_ir(spec: ExportSpec, target: Path, material: dict[str, Any] | None = 
     seconds: dict[str, float] = {}
     configs: dict[str, Any] = {}
     try:
-        for name in NETWORKS:
+        for name in spec.networks:
             stage = time.perf_counter()
             with warnings.catch_warnings():
                 # The tracer's "Python boolean" warnings: shape checks and branches taken as
@@ -239,7 +273,7 @@ def export_ir(spec: ExportSpec, target: Path, material: dict[str, Any] | None = 
         try:
             os.rename(staging, target)
         except OSError:
-            if not is_complete(target):
+            if not is_complete(target, spec.networks):
                 raise
             logger.info("%s was exported meanwhile by another process; keeping that one",
                         target)
@@ -268,22 +302,24 @@ def export_in_subprocess(spec: ExportSpec, target: Path) -> None:
 
 
 def ensure_ir(spec: ExportSpec, configured_root: str | None,
-              export: Exporter = export_in_subprocess) -> tuple[Path, bool]:
+              export: Exporter = export_in_subprocess,
+              root: Path | None = None) -> tuple[Path, bool]:
     """The IR directory for `spec`, exporting it first if the cache has none.
-    Returns (directory, whether this call exported it)."""
-    root = cache_root(spec.model_dir, configured_root)
+    Returns (directory, whether this call exported it). `root`: the cache root to use
+    (the tiny VAE's entry lives beside the model's IR, not in the tiny VAE's directory)."""
+    root = cache_root(spec.model_dir, configured_root) if root is None else root
     material = key_material(spec)
     entry = root / entry_name(material)
-    if is_complete(entry):
+    if is_complete(entry, spec.networks):
         return entry, False
     require_writable(root, entry.name)
     with export_lock(root, entry.name) as locked:
-        if is_complete(entry):  # another replica exported it while this one waited
+        if is_complete(entry, spec.networks):  # exported by another replica meanwhile
             return entry, False
         if locked:
             remove_stale_staging(root, entry.name)
         export(spec, entry)
-    if not is_complete(entry):
+    if not is_complete(entry, spec.networks):
         raise RuntimeError(f"OpenVINO export finished but {entry} is incomplete")
     return entry, True
 
@@ -311,7 +347,22 @@ def spec_from_config(config: Any, dtype: str) -> ExportSpec:
     model = config.model
     model_dir = resolve_model_dir(model.source, model.revision, model.cache_dir)
     return ExportSpec(source=model.source, revision=model.revision,
-                      model_dir=str(model_dir), dtype=dtype, weights=model.openvino.weights)
+                      model_dir=str(model_dir), dtype=dtype, weights=ir_weights(model))
+
+
+def ir_weights(model: Any) -> str | None:
+    """model.openvino.weights (or the profile's) as ExportSpec.weights: None for the dtype's."""
+    return "int8" if model.resolved_weights == "int8" else None
+
+
+def tiny_vae_spec(model: Any, dtype: str) -> ExportSpec:
+    """The tiny VAE's IR (model.vae tiny), keyed by its own files; dtype weights."""
+    from serve_app.model.tiny_vae import resolve_tiny_vae_dir
+
+    vae_dir = resolve_tiny_vae_dir(model.resolved_tiny_vae_source, model.tiny_vae_revision,
+                                   model.cache_dir)
+    return ExportSpec(source=model.resolved_tiny_vae_source, revision=model.tiny_vae_revision,
+                      model_dir=str(vae_dir), dtype=dtype, component="tiny_vae")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="model.dtype; auto resolves on THIS machine's CPU: export for "
                              "replicas on other CPUs with their dtype")
     parser.add_argument("--weights", choices=["dtype", "int8"], help="model.openvino.weights")
+    parser.add_argument("--profile", choices=["quality", "fast"], help="model.profile")
     # Internal: the replica's subprocess.
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -345,29 +397,34 @@ def main(argv: list[str] | None = None) -> int:
     model = dict(raw.get("model") or {})
     openvino = dict(model.get("openvino") or {})
     for key, value in (("source", args.source), ("cache_dir", args.model_cache_dir),
-                       ("dtype", args.dtype)):
+                       ("dtype", args.dtype), ("profile", args.profile)):
         if value is not None:
             model[key] = value
     if args.cache_dir is not None:
         openvino["cache_dir"] = args.cache_dir
     if args.weights is not None:
-        openvino["weights"] = None if args.weights == "dtype" else args.weights
+        openvino["weights"] = args.weights
     model["openvino"] = openvino
     model["backend"] = "openvino"
     config = load_config({**raw, "model": model})
     choice = cpu.choose_dtype(config.model.dtype, "cpu", cpu.host())
     spec = spec_from_config(config, choice.name)
-    started = time.perf_counter()
-    try:
-        entry, exported = ensure_ir(spec, config.model.openvino.cache_dir, export=export_ir)
-    except Exception as exc:
-        print(f"sdxl-turbo-export: {exc}", file=sys.stderr)
-        return 1
-    if exported:
-        print(f"exported {entry} ({choice.name}: {choice.reason}) in "
-              f"{time.perf_counter() - started:.1f}s")
-    else:
-        print(f"already cached: {entry}")
+    specs = [spec]
+    if config.model.resolved_vae == "tiny":
+        specs.append(tiny_vae_spec(config.model, choice.name))
+    root = cache_root(spec.model_dir, config.model.openvino.cache_dir)
+    for one in specs:
+        started = time.perf_counter()
+        try:
+            entry, exported = ensure_ir(one, None, export=export_ir, root=root)
+        except Exception as exc:
+            print(f"sdxl-turbo-export: {exc}", file=sys.stderr)
+            return 1
+        if exported:
+            print(f"exported {entry} ({choice.name}: {choice.reason}) in "
+                  f"{time.perf_counter() - started:.1f}s")
+        else:
+            print(f"already cached: {entry}")
     return 0
 
 

@@ -24,9 +24,13 @@ import torch
 from serve_app.config import AppConfig, parse_size
 from serve_app.model import cpu
 from serve_app.model.backend import BackendChoice, select_backend
-from serve_app.model.diffusers_generator import DiffusersGenerator, device_and_dtype
+from serve_app.model.diffusers_generator import (
+    DiffusersGenerator,
+    device_and_dtype,
+    profile_info,
+)
 from serve_app.model.openvino import export as export_module
-from serve_app.model.openvino.cache import MARKER, ExportSpec
+from serve_app.model.openvino.cache import MARKER, ExportSpec, cache_root, not_writable_reason
 from serve_app.model.openvino.export import Exporter, ensure_ir
 from serve_app.model.source import resolve_model_dir
 
@@ -141,11 +145,86 @@ class OVVaeDecoder(_OVNetwork):
         return self.decode(latents)
 
 
-def compile_properties(threads: int, dtype: str) -> dict[str, Any]:
+class OVTinyVae(_OVNetwork):
+    """model.vae tiny: AutoencoderTiny as the pipelines use it (decode; encode for
+    image-to-image, deterministic latents)."""
+
+    def __init__(self, compiled: Any, config: dict[str, Any], encoder: Any) -> None:
+        super().__init__(compiled, config)
+        self.encoder_request = encoder.create_infer_request()
+
+    def encode(self, image: torch.Tensor, return_dict: bool = True) -> Any:
+        from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+
+        result = self.encoder_request.infer([_f32(image)], share_inputs=True,
+                                            share_outputs=False)
+        latents = torch.from_numpy(result[0])
+        return AutoencoderTinyOutput(latents=latents) if return_dict else (latents,)
+
+    def decode(self, latents: torch.Tensor, generator: Any = None,
+               return_dict: bool = False) -> tuple[torch.Tensor]:
+        if return_dict:
+            raise TypeError("OpenVINO tiny VAE: return_dict is not supported")
+        (image,) = self.run(_f32(latents))
+        return (image,)
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor]:
+        return self.decode(latents)
+
+
+# DYNAMIC_QUANTIZATION_GROUP_SIZE for int8-weight IR, by CPU class (serve_app.model.cpu),
+# with the measurement; model.openvino.dynamic_quantization_group_size unset takes it from
+# here, and on classes not listed it is off (0). BENCHMARKS.md, "int8 activations".
+DYNAMIC_QUANTIZATION_MEASURED: dict[str, tuple[int, str]] = {
+    "avx512_bf16": (256, "UNet step 512x512 2.9-3.3 s against 4.5-5.1 s without it and "
+                         "3.9-4.5 s for the bf16 IR (AMD EPYC Zen 4, issue 24)"),
+}
+
+
+def dynamic_quantization_group(configured: int | None, weights: str | None,
+                               cpu_class: str) -> tuple[int, str]:
+    """(group size, why): 0 (off) unless the IR has int8 weights."""
+    if weights != "int8":
+        return 0, "off: the IR has no int8 weights"
+    if configured is not None:
+        return configured, "configured" if configured else "off: configured 0"
+    if cpu_class in DYNAMIC_QUANTIZATION_MEASURED:
+        group, evidence = DYNAMIC_QUANTIZATION_MEASURED[cpu_class]
+        return group, f"measured on {cpu_class} CPUs: {evidence}"
+    return 0, f"off: not measured faster on {cpu_class} CPUs"
+
+
+def compile_properties(threads: int, dtype: str, *, dynamic_quantization_group: int = 0,
+                       cache_dir: str | None = None) -> dict[str, Any]:
     """INFERENCE_NUM_THREADS = replica.num_cpus; one stream, latency-first (the replica runs
-    one pipeline call at a time); the precision the dtype asks for."""
-    return {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": PRECISION_HINT[dtype]}
+    one pipeline call at a time); the precision the dtype asks for; the dynamic activation
+    quantization group, always set (0: off), so the plugin's own default (32) never decides
+    it; the compiled-model cache when given."""
+    properties: dict[str, Any] = {
+        "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        "INFERENCE_PRECISION_HINT": PRECISION_HINT[dtype],
+        "DYNAMIC_QUANTIZATION_GROUP_SIZE": dynamic_quantization_group}
+    if cache_dir:
+        properties["CACHE_DIR"] = cache_dir
+    return properties
+
+
+COMPILED_SUBDIR = "compiled"
+
+
+def compiled_cache_dir(configured: str | None, ir_root: Path,
+                       cpu_class: str) -> tuple[str | None, str | None]:
+    """(the CACHE_DIR to compile with, or None; why none). Per CPU class: a blob compiled
+    for one instruction set is not for another, and replicas of several node pools may
+    share the IR volume."""
+    if configured == "":
+        return None, "off: model.openvino.compiled_cache_dir is empty"
+    base = Path(configured).expanduser() if configured else ir_root / COMPILED_SUBDIR
+    target = base / cpu_class
+    reason = not_writable_reason(target)
+    if reason is not None:
+        return None, f"{target} is not writable ({reason}): every start compiles"
+    return str(target), None
 
 
 def _load_part(model_dir: Path, index: dict[str, Any], name: str) -> Any:
@@ -155,25 +234,41 @@ def _load_part(model_dir: Path, index: dict[str, Any], name: str) -> Any:
 
 
 def build_pipeline(ir_dir: Path, model_dir: Path, *, threads: int, dtype: str,
-                   core: Any = None) -> tuple[Any, dict[str, Any]]:
-    """A StableDiffusionXLPipeline whose networks run the IR in `ir_dir`; the tokenizers
-    and scheduler come from `model_dir`. Returns (pipeline, compiled models' properties)."""
+                   core: Any = None, tiny_vae_dir: Path | None = None,
+                   dynamic_quantization_group: int = 0,
+                   compiled_cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """A StableDiffusionXLPipeline whose networks run the IR in `ir_dir` (the VAE: the
+    tiny VAE's IR in `tiny_vae_dir` when given); the tokenizers and scheduler come from
+    `model_dir`. Returns (pipeline, compiled models' properties)."""
     import openvino as ov
     from diffusers import StableDiffusionXLPipeline
 
     core = ov.Core() if core is None else core
     configs = json.loads((ir_dir / "configs.json").read_text())
-    properties = compile_properties(threads, dtype)
+    properties = compile_properties(threads, dtype, cache_dir=compiled_cache_dir,
+                                    dynamic_quantization_group=dynamic_quantization_group)
 
-    def compiled(name: str) -> Any:
-        return core.compile_model(core.read_model(ir_dir / f"{name}.xml"), "CPU", properties)
+    def compiled(directory: Path, name: str) -> Any:
+        # By path, not a read model: with CACHE_DIR, a cached network is imported without
+        # reading (or hashing) its IR.
+        return core.compile_model(str(directory / f"{name}.xml"), "CPU", properties)
 
-    networks = {
-        "text_encoder": OVTextEncoder(compiled("text_encoder"), configs["text_encoder"]),
-        "text_encoder_2": OVTextEncoder(compiled("text_encoder_2"), configs["text_encoder_2"]),
-        "unet": OVUNet(compiled("unet"), configs["unet"]),
-        "vae": OVVaeDecoder(compiled("vae_decoder"), configs["vae_decoder"],
-                            encoder=compiled("vae_encoder")),
+    if tiny_vae_dir is None:
+        vae: torch.nn.Module = OVVaeDecoder(compiled(ir_dir, "vae_decoder"),
+                                            configs["vae_decoder"],
+                                            encoder=compiled(ir_dir, "vae_encoder"))
+    else:
+        tiny_configs = json.loads((tiny_vae_dir / "configs.json").read_text())
+        vae = OVTinyVae(compiled(tiny_vae_dir, "tiny_vae_decoder"),
+                        tiny_configs["tiny_vae_decoder"],
+                        encoder=compiled(tiny_vae_dir, "tiny_vae_encoder"))
+    networks: dict[str, Any] = {
+        "text_encoder": OVTextEncoder(compiled(ir_dir, "text_encoder"),
+                                      configs["text_encoder"]),
+        "text_encoder_2": OVTextEncoder(compiled(ir_dir, "text_encoder_2"),
+                                        configs["text_encoder_2"]),
+        "unet": OVUNet(compiled(ir_dir, "unet"), configs["unet"]),
+        "vae": vae,
     }
     index = json.loads((model_dir / "model_index.json").read_text())
     pipe = StableDiffusionXLPipeline(
@@ -187,7 +282,8 @@ def build_pipeline(ir_dir: Path, model_dir: Path, *, threads: int, dtype: str,
     unet = networks["unet"].compiled
     read_back = {name: unet.get_property(name)
                  for name in ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS",
-                              "NUM_STREAMS", "PERFORMANCE_HINT")}
+                              "NUM_STREAMS", "PERFORMANCE_HINT",
+                              "DYNAMIC_QUANTIZATION_GROUP_SIZE")}
     return pipe, {k: _plain(v) for k, v in read_back.items()}
 
 
@@ -229,18 +325,32 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
     model_dir = resolve_model_dir(model_cfg.source, model_cfg.revision, model_cfg.cache_dir)
     spec = ExportSpec(source=model_cfg.source, revision=model_cfg.revision,
                       model_dir=str(model_dir), dtype=choice.name,
-                      weights=model_cfg.openvino.weights)
+                      weights=export_module.ir_weights(model_cfg))
+    root = cache_root(model_dir, model_cfg.openvino.cache_dir)
     stage = time.perf_counter()
-    ir_dir, exported = ensure_ir(spec, model_cfg.openvino.cache_dir,
+    ir_dir, exported = ensure_ir(spec, None, root=root,
                                  export=export or export_module.export_in_subprocess)
+    tiny_dir: Path | None = None
+    if model_cfg.resolved_vae == "tiny":
+        tiny_dir, tiny_exported = ensure_ir(
+            export_module.tiny_vae_spec(model_cfg, choice.name), None, root=root,
+            export=export or export_module.export_in_subprocess)
+        exported = exported or tiny_exported
     export_s = time.perf_counter() - stage
-    logger.info("OpenVINO IR %s (%s in %.2fs)", ir_dir, "exported" if exported else "cached",
-                export_s)
+    logger.info("OpenVINO IR %s, tiny VAE %s (%s in %.2fs)", ir_dir, tiny_dir,
+                "exported" if exported else "cached", export_s)
     configs = json.loads((ir_dir / "configs.json").read_text())
     check_sizes(list(config.limits.allowed_sizes), configs["unet"])
+    cpu_class = cpu.host().cpu_class
+    group, group_reason = dynamic_quantization_group(
+        model_cfg.openvino.dynamic_quantization_group_size, spec.weights, cpu_class)
+    compiled_cache, cache_skip = compiled_cache_dir(model_cfg.openvino.compiled_cache_dir,
+                                                    root, cpu_class)
 
     stage = time.perf_counter()
-    pipe, properties = build_pipeline(ir_dir, model_dir, threads=threads, dtype=choice.name)
+    pipe, properties = build_pipeline(ir_dir, model_dir, threads=threads, dtype=choice.name,
+                                      tiny_vae_dir=tiny_dir, dynamic_quantization_group=group,
+                                      compiled_cache_dir=compiled_cache)
     compile_s = time.perf_counter() - stage
     ran = precision_name(properties["INFERENCE_PRECISION_HINT"])
     reason = f"{choice.reason}; OpenVINO CPU INFERENCE_PRECISION_HINT {ran}"
@@ -248,15 +358,19 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
         reason += f" (asked for {choice.name})"
     warnings = [choice.warning] if choice.warning and ran == choice.name else []
     applied = ["openvino_ir"] + (["int8_weights"] if spec.weights == "int8" else [])
+    if group:
+        applied.append(f"dynamic_quantization_{group}")
     skipped: dict[str, str] = {}
+    if compiled_cache:
+        applied.append("compiled_cache")
+    elif cache_skip:
+        skipped["compiled_cache"] = cache_skip
     options = model_cfg.optimization
     if options.prompt_cache_size > 0:
         from serve_app.model.optimize.prompt_cache import PromptEmbeddingCache
 
         pipe.encode_prompt = PromptEmbeddingCache(pipe.encode_prompt, options.prompt_cache_size)
         applied.append("prompt_cache")
-    if options.tiny_vae:
-        skipped["tiny_vae"] = "backend openvino decodes with the exported VAE"
     marker = json.loads((ir_dir / MARKER).read_text())
     info = {
         "model": model_cfg.source,
@@ -270,8 +384,13 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
         "optimizations": applied,
         "optimizations_skipped": skipped,
         "warnings": warnings,
+        **profile_info(model_cfg, unet=spec.weights or ran,
+                       vae_source=model_cfg.resolved_tiny_vae_source if tiny_dir else None),
         "openvino": {
             "ir": str(ir_dir),
+            "tiny_vae_ir": None if tiny_dir is None else str(tiny_dir),
+            "dynamic_quantization": group_reason,
+            "compiled_cache_dir": compiled_cache,
             "exported": exported,
             "export_s": round(export_s, 3),
             "exported_by_pid": marker.get("pid"),

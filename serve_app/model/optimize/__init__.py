@@ -18,8 +18,8 @@ All of them keep diffusers' pipeline and only swap modules or attention processo
 * ``channels_last``: UNet and VAE in channels-last memory format.
 * ``prompt_cache_size``: LRU cache of prompt embeddings; a repeated prompt skips both text
   encoders. 0 turns it off.
-* ``tiny_vae``: opt-in: decode with AutoencoderTiny loaded from a local directory (a speed
-  versus quality trade, off by default).
+* the tiny VAE is not a lever: it is ``model.vae: tiny`` (serve_app/model/tiny_vae.py);
+  the benchmark's ``tiny_vae`` argument swaps one in before the levers.
 
 The packed ops are oneDNN kernels of the same arithmetic (bf16 or fp32 inputs, fp32
 accumulation), so images match eager at the same dtype within the tolerance measured in
@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from serve_app.config import OptimizationConfig
 from serve_app.model import cpu
@@ -60,12 +59,6 @@ __all__ = ["COMPONENTS", "CpuAttnProcessor", "FusedGEGLU", "LeverReport", "Packe
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def load_tiny_vae(path: str, dtype: torch.dtype) -> nn.Module:
-    from diffusers import AutoencoderTiny
-
-    return AutoencoderTiny.from_pretrained(path, torch_dtype=dtype).eval().requires_grad_(False)
 
 
 @dataclass
@@ -93,12 +86,14 @@ def _onednn_unusable(pipe: Any) -> str | None:
     return None
 
 
-def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
-                      backend: str = "torch") -> LeverReport:
+def optimize_pipeline(pipe: Any, options: OptimizationConfig, *, backend: str = "torch",
+                      tiny_vae: str | None = None) -> LeverReport:
     """Apply the switched-on levers to a CPU pipeline in place.
 
     With backend "ipex", IPEX prepacks and fuses the weights itself (ipex.optimize after
     this), so only channels_last, the tiny VAE and the prompt cache are applied here.
+    `tiny_vae`: a directory of an AutoencoderTiny to decode with (the benchmark's switch;
+    a replica loads it by model.vae before the levers).
     """
     report = LeverReport()
     applied = report.applied
@@ -106,8 +101,9 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *,
         options = options.model_copy(update={"prepack_linear": False, "prepack_conv": False,
                                              "fuse_geglu": False, "fuse_attention": False,
                                              "cross_attention_kv_cache": False})
-    tiny_vae = getattr(options, "tiny_vae", None)
     if tiny_vae:
+        from serve_app.model.tiny_vae import load_tiny_vae
+
         pipe.vae = load_tiny_vae(tiny_vae, pipe.unet.dtype)
         applied.append("tiny_vae")
     blocked = _onednn_unusable(pipe)
