@@ -56,7 +56,7 @@ class OptimizationConfig(StrictModel):
     """Speed levers for the CPU replica; each has an off switch (see BENCHMARKS.md)."""
 
     channels_last: bool = True
-    # oneDNN-prepacked weights for nn.Linear / nn.Conv2d (serve_app/optimize.py).
+    # oneDNN-prepacked weights for nn.Linear / nn.Conv2d (serve_app/model/optimize/).
     prepack_linear: bool = True
     prepack_conv: bool = True
     # GEGLU as two GEMMs with GELU and multiply fused in; fused self-attention q/k/v.
@@ -119,7 +119,7 @@ class ModelConfig(StrictModel):
     # Where the embedded model is written; defaults to ~/.cache/sdxl-turbo-serve.
     cache_dir: str | None = None
     # auto: bfloat16 on CPUs with native bf16 (amx_bf16, avx512_bf16), float32 on others
-    # (bf16 is emulated there, many times slower), float16 on a GPU (serve_app/cpu.py).
+    # (bf16 is emulated there, many times slower), float16 on a GPU (serve_app/model/cpu.py).
     # float16 is only valid with a GPU: on CPU it is ~1000x slower.
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     # auto: IPEX when it matches torch, else torch (serve_app/model/backend.py); openvino

@@ -211,8 +211,8 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
          "it), or the body is not UTF-8 JSON (`field: body`); `invalid_image`: the input "
          "image is not a PNG or JPEG, its sides are outside the limits, or it does not "
          "decode (`field: image`).",
-    501: "`not_supported`: the model's backend cannot do this (image-to-image on "
-         "backend openvino).",
+    501: "`not_supported`: the model's generator cannot do this (image-to-image with a "
+         "custom `model.generator` that does not implement it; every shipped backend does).",
     500: "`generation_failed`: the pipeline failed; `requestId` finds it in the logs.",
     503: "`overloaded` (with `Retry-After`): the model replicas' queues are full; "
          "`not_ready` on /readyz: no model replica has loaded yet.",

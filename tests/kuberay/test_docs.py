@@ -133,7 +133,7 @@ def test_the_layout_lists_every_part_of_kuberay() -> None:
 
 def test_the_readme_walks_through_a_rollout_an_upgrade_and_a_maintenance() -> None:
     text = " ".join(KUBERAY_README.read_text().split())
-    rollout = text.index("## Deploy (the first rollout)")
+    rollout = text.index("## 2. Deploy (the first rollout)")
     upgrade = text.index("**An upgrade, step by step**")
     maintenance = text.index("**A node-pool maintenance, step by step**")
     assert "python kuberay/upgrade.py kuberay/overlays/g8i" in text[rollout:]
