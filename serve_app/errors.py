@@ -97,9 +97,8 @@ class HTTPStatusError(ServiceError):
         self.status_code = status_code
 
 
-class Overloaded(ServiceError):
-    status_code = 503
-    code = "overloaded"
+class RetryLater(ServiceError):
+    """A 503/504 worth sending again later: the response says when (Retry-After)."""
 
     def __init__(self, message: str, *, retry_after_s: int, request_id: str | None = None):
         super().__init__(message, request_id=request_id)
@@ -109,18 +108,16 @@ class Overloaded(ServiceError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
-class JobsUnavailable(ServiceError):
+class Overloaded(RetryLater):
+    status_code = 503
+    code = "overloaded"
+
+
+class JobsUnavailable(RetryLater):
     """The job queue (broker) or its key store cannot be reached: nothing was queued."""
 
     status_code = 503
     code = "jobs_unavailable"
-
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class NotReady(ServiceError):
@@ -128,33 +125,19 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
-class GenerationTimeout(ServiceError):
+class GenerationTimeout(RetryLater):
+    # Most often no model replica took the call in time (all busy, or being replaced after
+    # their node was lost): worth sending again, later.
     status_code = 504
     code = "timeout"
 
-    def __init__(self, message: str, *, retry_after_s: int, request_id: str | None = None):
-        super().__init__(message, request_id=request_id)
-        # Most often no model replica took the call in time (all busy, or being replaced
-        # after their node was lost): worth sending again, later.
-        self.retry_after_s = retry_after_s
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
-
-
-class ReplicaLost(ServiceError):
+class ReplicaLost(RetryLater):
     """The replica that held the call died (its process or its whole node) and none took
     the call in its place: Serve starts another, so the client sends again later."""
 
     status_code = 503
     code = "replica_lost"
-
-    def __init__(self, message: str, *, retry_after_s: int, request_id: str | None = None):
-        super().__init__(message, request_id=request_id)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class GenerationFailed(ServiceError):
