@@ -43,16 +43,16 @@ RESPONSE_ASSIGNED = "response_assigned"
 
 _lock = threading.Lock()
 _warned: set[str] = set()
-# reach -> the gauge value last set (set only when it changes: these run once per batch).
+# reach -> the gauge value last set.
 _state: dict[str, int] = {}
 _gauge: Any = None
 
 
 def _report(reach: str, degraded: int) -> None:
+    # Set on every reach (once per batch: cheap), not only on a change: a gauge set once
+    # was seen missing from a later scrape of the live endpoint under a loaded CI run.
     global _gauge
     with _lock:
-        if _state.get(reach) == degraded:
-            return
         _state[reach] = degraded
     try:
         with _lock:
