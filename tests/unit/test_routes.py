@@ -9,7 +9,6 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.requests import Request
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, PayloadTooLarge
@@ -20,6 +19,7 @@ from serve_app.ingress.parsing import MAX_BODY_BYTES, read_request
 from serve_app.ingress.services import IngressServices
 from serve_app.jobs.records import Image2ImageJobRequest, JobRequest
 from tests.unit.test_input_images import png
+from tests.unit.test_request_parsing import http_request
 
 CONFIG = AppConfig()
 
@@ -66,16 +66,6 @@ def test_the_request_bodies_are_documented_in_the_formats_they_are_read_in():
         "application/json": (["OpenAIImageRequest"], None)}
     assert formats("/v1/images/edits") == {
         "multipart/form-data": (["OpenAIEditRequest"], "binary")}
-
-
-def http_request(raw: bytes, content_type: str | None = None) -> Request:
-    async def receive() -> dict:
-        return {"type": "http.request", "body": raw, "more_body": False}
-    headers = [(b"content-length", str(len(raw)).encode())]
-    if content_type:
-        headers.append((b"content-type", content_type.encode()))
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers,
-                    "query_string": b""}, receive)
 
 
 def read(raw: bytes, model, content_type: str | None = None):
