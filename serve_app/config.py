@@ -99,6 +99,17 @@ class OpenVINOConfig(StrictModel):
     compiled_cache_dir: str | None = None
 
 
+class LoraConfig(StrictModel):
+    """A LoRA adapter on a model (serve_app/model/lora.py): fused into its weights at load."""
+
+    # A hub id, a local directory or .safetensors file, or `embedded:tiny-lora-a` /
+    # `embedded:tiny-lora-b` (random weights, for the embedded tiny model).
+    source: str
+    weight_name: str | None = None
+    scale: float = 1.0
+    adapter_name: str | None = None
+
+
 class ModelConfig(StrictModel):
     # `embedded:tiny-sdxl` (random weights, generated offline), a hub id such as
     # `stabilityai/sdxl-turbo`, or a local directory in diffusers format.
@@ -132,6 +143,7 @@ class ModelConfig(StrictModel):
     # Import path of the generator factory; tests inject a fake through it.
     generator: str = "serve_app.model.pipeline:load_generator"
     generator_options: dict[str, Any] = Field(default_factory=dict)
+    loras: list[LoraConfig] = Field(default_factory=list)
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -139,6 +151,15 @@ class ModelConfig(StrictModel):
         for size in sizes:
             parse_size(size)
         return sizes
+
+    @model_validator(mode="after")
+    def _loras_on_torch(self) -> ModelConfig:
+        if self.loras and self.backend == "openvino":
+            # The wording of serve_app.model.lora.lora_backend_reason (no torch import here).
+            raise ValueError("loras: LoRA adapters run on the torch backends (torch, ipex), "
+                             "not on backend 'openvino': an exported OpenVINO IR holds the "
+                             "base model's weights only; set backend: auto or torch")
+        return self
 
     @property
     def resolved_vae(self) -> Literal["full", "tiny"]:

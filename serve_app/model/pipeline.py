@@ -22,6 +22,7 @@ from serve_app.model.diffusers_generator import (
     device_and_dtype,
     profile_info,
 )
+from serve_app.model.lora import apply_loras, lora_backend_reason
 from serve_app.model.source import resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     backend = select_backend(model_cfg.backend, torch.__version__, device=device,
                              cpu_class=cpu.host().cpu_class if device == "cpu" else None)
     fallback: str | None = None
+    if backend.name == "openvino" and model_cfg.loras:
+        # An exported IR has no adapters: `auto` runs a model with adapters on torch rather
+        # than give the base model's images (an explicit `openvino` fails in the config).
+        backend = BackendChoice("torch", f"auto: {lora_backend_reason('openvino')}")
     if backend.name == "openvino":
         from serve_app.model.openvino.runtime import load_openvino_generator
 
@@ -85,6 +90,8 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     parts: dict[str, Any] = {"vae": _load_tiny(model_cfg, dtype)} if tiny_vae else {}
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype, **parts)
     pipe.set_progress_bar_config(disable=True)
+    # Fused before the levers and IPEX, which rewrite the Linear modules adapters target.
+    loras = apply_loras(pipe, model_cfg.loras, model_cfg.cache_dir)
     pipe.to(device)
     logger.info("pipeline loaded in %.2fs", time.perf_counter() - stage)
 
@@ -115,6 +122,7 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
         "optimizations": applied,
         "optimizations_skipped": skipped,
         "warnings": warnings,
+        "loras": loras,
         **profile_info(model_cfg, unet=dtype_name,
                        vae_source=model_cfg.resolved_tiny_vae_source if tiny_vae else None),
     }

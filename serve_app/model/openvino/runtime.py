@@ -29,6 +29,7 @@ from serve_app.model.diffusers_generator import (
     device_and_dtype,
     profile_info,
 )
+from serve_app.model.lora import LoraError, lora_backend_reason
 from serve_app.model.openvino import export as export_module
 from serve_app.model.openvino.cache import MARKER, ExportSpec, cache_root, not_writable_reason
 from serve_app.model.openvino.export import Exporter, ensure_ir
@@ -316,6 +317,8 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
     (exported first, in a subprocess, when it is not there), compiled with replica.num_cpus
     threads, warmed up. `export` replaces the subprocess export (tests count exports)."""
     model_cfg = config.model
+    if model_cfg.loras:  # the config refuses it; a direct caller gets the same line
+        raise LoraError(lora_backend_reason("openvino"))
     started = time.perf_counter()
     threads = config.replica.num_cpus
     torch.set_num_threads(threads)  # the scheduler's and the image processor's tensor ops
