@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from serve_app.config import LoraConfig, OptimizationConfig
-from serve_app.model.diffusers_generator import DiffusersGenerator
 from serve_app.model import cpu
 from serve_app.model.backend import select_backend
+from serve_app.model.diffusers_generator import DiffusersGenerator
 from serve_app.model.lora import WEIGHT_NAME, apply_loras, ensure_tiny_lora, lora_backend_reason
 from serve_app.model.optimize import PackedLinear, optimize_pipeline
 from serve_app.protocol import GenerationItem
