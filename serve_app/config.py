@@ -12,15 +12,37 @@ import re
 import tempfile
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 EMBEDDED_TINY = "embedded:tiny-sdxl"
+# A second embedded tiny model: the same architecture, weights from another seed (the quick
+# start serves both, so the same prompt and seed give different images per model).
+EMBEDDED_TINY_B = "embedded:tiny-sdxl-b"
+EMBEDDED_MODELS = (EMBEDDED_TINY, EMBEDDED_TINY_B)
 # A random-weight AutoencoderTiny at toy size, generated offline (serve_app/model/tiny_model.py):
 # the tiny VAE of the embedded model (tests, the quick start).
 EMBEDDED_TINY_VAE = "embedded:tiny-taesd"
 # The tiny autoencoder for SDXL latents (diffusers AutoencoderTiny, TAESDXL).
 TAESDXL = "madebyollin/taesdxl"
 SIZE_PATTERN = re.compile(r"^(\d{2,4})x(\d{2,4})$")
+# A model's id: what requests name ("model"), a Ray Serve multiplexed model id, a metric tag.
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$"
+DEFAULT_MODEL_ID = "sdxl-turbo"
+# LoRA adapter names become module keys inside the pipeline (PEFT): no dots.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
+# replica.max_models_per_replica unset: every configured model, but no more than this.
+MAX_MODELS_PER_REPLICA_DEFAULT_CAP = 3
+# Resident size estimates (GiB) when a model names no memory_gib: SDXL holds about 3.5 G
+# parameters (UNet 2.6 G, text encoders 0.8 G, VAE 0.08 G), plus the runtime's own buffers.
+SDXL_MEMORY_GIB = {"float32": 14.0, "bfloat16": 7.0, "float16": 7.0, "int8": 4.0}
+EMBEDDED_MEMORY_GIB = 0.1
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -100,19 +122,32 @@ class OpenVINOConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    """A LoRA adapter on a model (serve_app/model/lora.py): fused into its weights at load."""
+    """A LoRA adapter on a model (model.loras, models[].loras)."""
 
     # A hub id, a local directory or .safetensors file, or `embedded:tiny-lora-a` /
-    # `embedded:tiny-lora-b` (random weights, for the embedded tiny model).
-    source: str
+    # `embedded:tiny-lora-b` (random weights for the embedded tiny model; tests).
+    source: str = Field(min_length=1)
+    # The weights file inside a hub repo or directory (diffusers' weight_name).
     weight_name: str | None = None
-    scale: float = 1.0
-    adapter_name: str | None = None
+    # How strongly the adapter applies (diffusers' adapter weight); 0 turns it off.
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0)
+    # Its name inside the pipeline. Unset: derived from its position.
+    adapter_name: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
+
+
+def _unique_adapters(loras: list[LoraConfig]) -> list[LoraConfig]:
+    names = [lora.adapter_name for lora in loras if lora.adapter_name is not None]
+    if len(set(names)) != len(names):
+        raise ValueError(f"loras: adapter_name used twice in {names}")
+    return loras
 
 
 class ModelConfig(StrictModel):
-    # `embedded:tiny-sdxl` (random weights, generated offline), a hub id such as
-    # `stabilityai/sdxl-turbo`, or a local directory in diffusers format.
+    # The default model's id: what a request names in "model" (absent: this one).
+    id: str = Field(default=DEFAULT_MODEL_ID, pattern=MODEL_ID_PATTERN)
+    # `embedded:tiny-sdxl` (random weights, generated offline; `embedded:tiny-sdxl-b` is a
+    # second one with other weights), a hub id such as `stabilityai/sdxl-turbo`, or a local
+    # directory in diffusers format.
     source: str = EMBEDDED_TINY
     revision: str | None = None
     # quality: the weights as they are and the full VAE. fast: int8 weights on OpenVINO
@@ -143,7 +178,11 @@ class ModelConfig(StrictModel):
     # Import path of the generator factory; tests inject a fake through it.
     generator: str = "serve_app.model.pipeline:load_generator"
     generator_options: dict[str, Any] = Field(default_factory=dict)
+    # LoRA adapters applied to this model (serve_app/model/lora.py).
     loras: list[LoraConfig] = Field(default_factory=list)
+    # Resident size (GiB) counted against replica.models_memory_gib. Unset: estimated
+    # (estimated_memory_gib: by source and dtype).
+    memory_gib: float | None = Field(default=None, gt=0)
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -152,14 +191,31 @@ class ModelConfig(StrictModel):
             parse_size(size)
         return sizes
 
-    @model_validator(mode="after")
-    def _loras_on_torch(self) -> ModelConfig:
-        if self.loras and self.backend == "openvino":
-            # The wording of serve_app.model.lora.lora_backend_reason (no torch import here).
-            raise ValueError("loras: LoRA adapters run on the torch backends (torch, ipex), "
-                             "not on backend 'openvino': an exported OpenVINO IR holds the "
-                             "base model's weights only; set backend: auto or torch")
-        return self
+    @field_validator("loras")
+    @classmethod
+    def _loras_unique(cls, loras: list[LoraConfig]) -> list[LoraConfig]:
+        return _unique_adapters(loras)
+
+    @property
+    def source_kind(self) -> Literal["embedded", "directory", "hub"]:
+        """Where the weights come from (what /v1/models and /readyz show: not the path)."""
+        if self.source.startswith("embedded:"):
+            return "embedded"
+        if self.source.startswith(("/", "./", "../", "~")):
+            return "directory"
+        return "hub"
+
+    def estimated_memory_gib(self, dtype: str) -> float:
+        """memory_gib, or an estimate for `dtype` (the one the replica resolved `auto` to):
+        the embedded models are tiny; an SDXL-class model by its weights' width (int8 on
+        OpenVINO with int8 weights)."""
+        if self.memory_gib is not None:
+            return self.memory_gib
+        if self.source in EMBEDDED_MODELS:
+            return EMBEDDED_MEMORY_GIB
+        if self.backend == "openvino" and self.resolved_weights == "int8":
+            return SDXL_MEMORY_GIB["int8"]
+        return SDXL_MEMORY_GIB.get(dtype, SDXL_MEMORY_GIB["float32"])
 
     @property
     def resolved_vae(self) -> Literal["full", "tiny"]:
@@ -178,7 +234,35 @@ class ModelConfig(StrictModel):
     def resolved_tiny_vae_source(self) -> str:
         if self.tiny_vae_source is not None:
             return self.tiny_vae_source
-        return EMBEDDED_TINY_VAE if self.source == EMBEDDED_TINY else TAESDXL
+        return EMBEDDED_TINY_VAE if self.source in EMBEDDED_MODELS else TAESDXL
+
+
+# ModelEntry keys that, unset, take the value of `model:` (the default model).
+MODEL_OVERRIDES = ("dtype", "backend", "profile", "vae", "tiny_vae_source", "openvino")
+
+
+class ModelEntry(StrictModel):
+    """A further model (`models:`): its own weights and adapters; the keys in
+    MODEL_OVERRIDES, unset, are the default model's (`model:`), as are warmup_sizes,
+    optimization, cache_dir and the generator."""
+
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    loras: list[LoraConfig] = Field(default_factory=list)
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] | None = None
+    backend: Literal["auto", "ipex", "torch", "openvino"] | None = None
+    profile: Literal["quality", "fast"] | None = None
+    vae: Literal["full", "tiny"] | None = None
+    tiny_vae_source: str | None = None
+    # Replaces model.openvino as a whole when set.
+    openvino: OpenVINOConfig | None = None
+    memory_gib: float | None = Field(default=None, gt=0)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_unique(cls, loras: list[LoraConfig]) -> list[LoraConfig]:
+        return _unique_adapters(loras)
 
 
 class BatchingConfig(StrictModel):
@@ -240,6 +324,14 @@ class ReplicaConfig(StrictModel):
     max_queued_requests: int = Field(default=32, ge=1)
     # Node labels for Ray's (soft) placement; Kubernetes pins pods with nodeSelector.
     resources: dict[str, float] = Field(default_factory=dict)
+    # Models (pipelines) one replica holds at once (Ray Serve model multiplexing); loading
+    # another evicts the least recently used. Unset: every configured model, at most
+    # MAX_MODELS_PER_REPLICA_DEFAULT_CAP (AppConfig.max_models_per_replica).
+    max_models_per_replica: int | None = Field(default=None, ge=1, le=64)
+    # Memory budget (GiB) for the models a replica holds (each model's memory_gib or its
+    # estimate): loading one past it evicts the least recently used first. Unset: no budget,
+    # only max_models_per_replica.
+    models_memory_gib: float | None = Field(default=None, gt=0)
 
 
 class IngressConfig(StrictModel):
@@ -435,7 +527,10 @@ class AppConfig(StrictModel):
     # Names this service's default image store (store.url) and embedded broker directory:
     # two services on one machine with one app_name share them.
     app_name: str = Field(default="sdxl-turbo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    # The default model (requests that name no model).
     model: ModelConfig = Field(default_factory=ModelConfig)
+    # Further models a request may name by id ("model"); see resolved_models().
+    models: list[ModelEntry] = Field(default_factory=list)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
@@ -445,13 +540,55 @@ class AppConfig(StrictModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _entries_name_their_id(cls, entries: Any) -> Any:
+        """Each entry validated on its own, so an error names the model's id, not only
+        its position in the list."""
+        if not isinstance(entries, list):
+            return entries
+        out: list[Any] = []
+        for index, entry in enumerate(entries):
+            if isinstance(entry, ModelEntry):
+                out.append(entry)
+                continue
+            name = entry.get("id") if isinstance(entry, dict) else None
+            try:
+                out.append(ModelEntry.model_validate(entry))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"]) or "entry"
+                raise ValueError(f"models[{index}] (id {name!r}): {where}: {first['msg']}"
+                                 ) from None
+        return out
+
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
-        if self.model.dtype == "float16" and self.replica.num_gpus == 0:
-            raise ValueError(
-                "model.dtype float16 needs a GPU (replica.num_gpus > 0); "
-                "on CPU use auto (bfloat16 or float32 by the CPU's bf16 support)"
-            )
+        ids = [self.model.id, *(entry.id for entry in self.models)]
+        for model_id in ids:
+            if ids.count(model_id) > 1:
+                raise ValueError(f"model id {model_id!r} is used twice (model.id and "
+                                 f"models[].id must be unique)")
+        for model_id, model in self.resolved_models().items():
+            if model.loras and model.backend == "openvino":
+                where = "model" if model_id == self.model.id else f"models[id {model_id!r}]"
+                # The wording of serve_app.model.lora.lora_backend_reason (no torch here).
+                raise ValueError(
+                    f"{where}.loras: LoRA adapters run on the torch backends (torch, ipex), "
+                    f"not on backend 'openvino': an exported OpenVINO IR holds the base "
+                    f"model's weights only; set backend: auto or torch")
+            if model.dtype == "float16" and self.replica.num_gpus == 0:
+                where = "model.dtype" if model_id == self.model.id else \
+                    f"models[id {model_id!r}].dtype"
+                raise ValueError(
+                    f"{where} float16 needs a GPU (replica.num_gpus > 0); "
+                    "on CPU use auto (bfloat16 or float32 by the CPU's bf16 support)"
+                )
+            budget = self.replica.models_memory_gib
+            if budget is not None and model.memory_gib is not None and \
+                    model.memory_gib > budget:
+                raise ValueError(f"model {model_id!r}: memory_gib {model.memory_gib} is over "
+                                 f"replica.models_memory_gib {budget}: it could never load")
         if self.store.url is None:
             self.store.url = default_store_dir(self.app_name)
         for size in self.model.warmup_sizes:
@@ -469,6 +606,41 @@ class AppConfig(StrictModel):
     @property
     def batching_user_config(self) -> dict[str, Any]:
         return self.batching.model_dump()
+
+    @property
+    def default_model_id(self) -> str:
+        return self.model.id
+
+    def resolved_models(self) -> dict[str, ModelConfig]:
+        """Every served model as a full ModelConfig, by id, the default (`model:`) first.
+        A `models:` entry takes its own id, source, revision, loras and memory_gib, its
+        overrides (MODEL_OVERRIDES) where set, and everything else from `model:`."""
+        models = {self.model.id: self.model}
+        inherited = self.model.model_dump(
+            exclude={"id", "source", "revision", "loras", "memory_gib", *MODEL_OVERRIDES})
+        for entry in self.models:
+            fields: dict[str, Any] = {
+                **inherited, "id": entry.id, "source": entry.source,
+                "revision": entry.revision, "loras": entry.loras,
+                "memory_gib": entry.memory_gib}
+            for name in MODEL_OVERRIDES:
+                value = getattr(entry, name)
+                fields[name] = getattr(self.model, name) if value is None else value
+            models[entry.id] = ModelConfig.model_validate(fields)
+        return models
+
+    @property
+    def max_models_per_replica(self) -> int:
+        """replica.max_models_per_replica, or every configured model up to the cap."""
+        if self.replica.max_models_per_replica is not None:
+            return self.replica.max_models_per_replica
+        return min(1 + len(self.models), MAX_MODELS_PER_REPLICA_DEFAULT_CAP)
+
+    def for_model(self, model_id: str) -> AppConfig:
+        """This config with `model` set to that model (resolved): what a generator factory
+        (model.generator) is given to load it."""
+        return self.model_copy(update={"model": self.resolved_models()[model_id],
+                                       "models": []})
 
 
 def load_config(args: dict[str, Any] | None) -> AppConfig:

@@ -17,10 +17,21 @@ def test_openvino_with_adapters_is_refused_in_the_config_naming_the_backend():
         AppConfig.model_validate({"model": {"backend": "openvino", "loras": [
             {"source": "embedded:tiny-lora-a"}]}})
     message = str(info.value)
-    assert "not on backend 'openvino'" in message
+    assert "model.loras: LoRA adapters run on the torch backends" in message
     assert "set backend: auto or torch" in message
     # The config's wording (config.py cannot import the torch-side module) is the loader's.
     assert lora_backend_reason("openvino") in message
+
+
+def test_a_models_entry_on_openvino_with_adapters_is_refused_naming_its_id():
+    """Also when the entry inherits backend openvino from `model:`."""
+    for entry, model in (({"backend": "openvino"}, {}), ({}, {"backend": "openvino"})):
+        with pytest.raises(ValidationError) as info:
+            AppConfig.model_validate({"model": model, "models": [
+                {"id": "styled", "source": "embedded:tiny-sdxl",
+                 "loras": [{"source": "embedded:tiny-lora-a"}], **entry}]})
+        assert "models[id 'styled'].loras: LoRA adapters run on the torch backends" in str(
+            info.value)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "ipex"])
