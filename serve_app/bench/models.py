@@ -89,43 +89,71 @@ def bench_lora(model: str | None, rank: int, repeat: int, threads: int) -> dict[
             return unet(latents, 999, encoder_hidden_states=hidden, added_cond_kwargs={
                 "text_embeds": text_embeds, "time_ids": time_ids}).sample
 
-    def steps(label: str) -> torch.Tensor:
-        result = step()  # warm-up, untimed
-        times = []
-        for _ in range(repeat):
-            seconds, result = _timed(step)
-            times.append(seconds)
-        out[f"step_{label}_s"] = round(statistics.median(times), 3)
-        out[f"step_{label}_all_s"] = [round(t, 3) for t in times]
-        return result
-
-    base = steps("base")
     for name in ("a", "b"):
         seconds, _ = _timed(lambda name=name: unet.load_lora_adapter(
             {k.removeprefix("unet."): v.clone() for k, v in adapters[name].items()},
             prefix=None, adapter_name=name))
         out[f"load_adapter_{name}_s"] = round(seconds, 3)
-    unet.set_adapters(["a"], weights=[1.0])
-    unfused_a = steps("unfused_a")
-    seconds, _ = _timed(lambda: unet.set_adapters(["b"], weights=[1.0]))
-    out["switch_unfused_s"] = round(seconds, 4)
-    unet.set_adapters(["a"], weights=[1.0])
-    seconds, _ = _timed(lambda: unet.fuse_lora(lora_scale=1.0, adapter_names=["a"]))
-    out["fuse_s"] = round(seconds, 3)
-    fused_a = steps("fused_a")
-    seconds, _ = _timed(lambda: (unet.unfuse_lora(),
-                                 unet.set_adapters(["b"], weights=[1.0]),
-                                 unet.fuse_lora(lora_scale=1.0, adapter_names=["b"])))
-    out["switch_fused_s"] = round(seconds, 3)
-    seconds, _ = _timed(unet.unfuse_lora)
-    out["unfuse_s"] = round(seconds, 3)
-    unet.disable_lora()
-    restored = step()
-    out["max_abs_diff_unfused_vs_fused"] = float((unfused_a - fused_a).abs().max())
-    out["max_abs_diff_adapter_vs_base"] = float((unfused_a - base).abs().max())
+
+    def base() -> torch.Tensor:
+        unet.disable_lora()
+        try:
+            return step()
+        finally:
+            unet.enable_lora()
+
+    def unfused() -> torch.Tensor:
+        unet.set_adapters(["a"], weights=[1.0])
+        return step()
+
+    def fused() -> torch.Tensor:
+        # Fused: what apply_loras serves after unload_lora_weights (plain Linear modules);
+        # here the peft wrappers stay (merged) so the round can unfuse again.
+        unet.set_adapters(["a"], weights=[1.0])
+        unet.fuse_lora(lora_scale=1.0, adapter_names=["a"])
+        try:
+            return step()
+        finally:
+            unet.unfuse_lora()
+
+    variants = {"base": base, "unfused_a": unfused, "fused_a": fused}
+    first = {name: fn() for name, fn in variants.items()}  # warm-up, untimed
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    switch: dict[str, list[float]] = {"switch_unfused_s": [], "switch_fused_s": [],
+                                      "fuse_s": [], "unfuse_s": []}
+    for _ in range(repeat):  # alternating rounds: the machine's load drifts
+        for name, fn in variants.items():
+            if name == "fused_a":  # the step alone: fuse and unfuse timed below
+                unet.set_adapters(["a"], weights=[1.0])
+                unet.fuse_lora(lora_scale=1.0, adapter_names=["a"])
+                seconds, _ = _timed(step)
+                unet.unfuse_lora()
+            else:
+                seconds, _ = _timed(fn)
+            times[name].append(seconds)
+        seconds, _ = _timed(lambda: unet.set_adapters(["b"], weights=[1.0]))
+        switch["switch_unfused_s"].append(seconds)
+        unet.set_adapters(["a"], weights=[1.0])
+        seconds, _ = _timed(lambda: unet.fuse_lora(lora_scale=1.0, adapter_names=["a"]))
+        switch["fuse_s"].append(seconds)
+        seconds, _ = _timed(lambda: (unet.unfuse_lora(),
+                                     unet.set_adapters(["b"], weights=[1.0]),
+                                     unet.fuse_lora(lora_scale=1.0, adapter_names=["b"])))
+        switch["switch_fused_s"].append(seconds)
+        seconds, _ = _timed(unet.unfuse_lora)
+        switch["unfuse_s"].append(seconds)
+    for name, values in times.items():
+        out[f"step_{name}_s"] = round(statistics.median(values), 3)
+        out[f"step_{name}_all_s"] = [round(t, 3) for t in values]
+    for name, values in switch.items():
+        out[name] = round(statistics.median(values), 4)
+        out[f"{name}_all"] = [round(t, 4) for t in values]
+    out["max_abs_diff_unfused_vs_fused"] = float(
+        (first["unfused_a"] - first["fused_a"]).abs().max())
+    out["max_abs_diff_adapter_vs_base"] = float((first["unfused_a"] - first["base"]).abs().max())
     # Unfusing subtracts the delta it added: in float32 the weights come back close to,
-    # not exactly, what they were; what that does to one step's output:
-    out["max_abs_diff_base_after_unfuse"] = float((restored - base).abs().max())
+    # not exactly, what they were (why apply_loras fuses into a pipeline of its own):
+    out["max_abs_diff_base_after_unfuse"] = float((base() - first["base"]).abs().max())
     out["peak_rss_gib"] = _peak_rss_gib()
     return out
 
