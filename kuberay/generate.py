@@ -3,6 +3,9 @@
     python kuberay/generate.py          # rewrite the generated parts
     python kuberay/generate.py --check  # exit 1 if they are stale (what tests/kuberay asserts)
 
+Both also check that the model pod's memory (base/rayservice.yaml) holds the configured
+models (memory_plan; kuberay/README.md, "Models per replica").
+
 Generated:
   kuberay/base/rayservice.yaml             spec.serveConfigV2 (the file's last key)
   kuberay/overlays/tdx/serve-config.yaml   a JSON6902 patch: the same config plus
@@ -97,6 +100,81 @@ def render_tdx_patch(config: dict[str, Any]) -> str:
     )
 
 
+# Model pod memory (kuberay/README.md, "Models per replica"): the models a replica holds
+# at once, plus what a pipeline call needs beside them. Estimates, not measured on g8i:
+# activations for a call of 4 images at 1024x1024 (batching.max_images_per_call; the VAE
+# decode dominates) ~10 GiB; Python, torch and the Ray worker ~1.5 GiB. The models: each
+# one's memory_gib, or its estimate (serve_app.config.ModelConfig.estimated_memory_gib:
+# ~7 GiB for an SDXL-class model in bfloat16).
+ACTIVATIONS_GIB = 10.0
+RUNTIME_GIB = 1.5
+OBJECT_STORE_GIB = 2.0
+# What model.dtype auto resolves to on g8i (Xeon with AMX, native bf16).
+G8I_AUTO_DTYPE = "bfloat16"
+
+
+def models_held_gib(args: dict[str, Any]) -> float:
+    """The most a model replica holds: the largest max_models_per_replica of the configured
+    models, capped by replica.models_memory_gib (loading past it evicts first)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from serve_app.config import AppConfig
+
+    config = AppConfig.model_validate(args)
+    sizes = sorted((model.estimated_memory_gib(
+        G8I_AUTO_DTYPE if model.dtype == "auto" else model.dtype)
+        for model in config.resolved_models().values()), reverse=True)
+    held = sum(sizes[:config.max_models_per_replica])
+    budget = config.replica.models_memory_gib
+    return held if budget is None else min(held, budget)
+
+
+def memory_plan(args: dict[str, Any]) -> dict[str, float]:
+    """GiB: the models held, the replica's need (replica.memory_gib must cover it), and the
+    least pod limit (the replica's reservation plus Ray's object store)."""
+    models = models_held_gib(args)
+    replica = models + ACTIVATIONS_GIB + RUNTIME_GIB
+    return {"models_gib": models, "replica_gib": replica,
+            "pod_limit_gib": replica + OBJECT_STORE_GIB}
+
+
+def _gib(quantity: str) -> float:
+    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1.0, "Ti": 1024.0}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[:-len(suffix)]) * factor
+    return float(quantity) / 2**30
+
+
+def sizing_problems(args: dict[str, Any], model_resources: dict[str, Any]) -> list[str]:
+    """Why the model pod (its container's resources) cannot hold the configured models."""
+    plan = memory_plan(args)
+    memory_gib = (args.get("replica") or {}).get("memory_gib")
+    request = _gib(str(model_resources["requests"]["memory"]))
+    limit = _gib(str(model_resources["limits"]["memory"]))
+    problems = []
+    if memory_gib is None or memory_gib < plan["replica_gib"]:
+        problems.append(
+            f"replica.memory_gib {memory_gib} < {plan['replica_gib']:g} GiB needed: "
+            f"{plan['models_gib']:g} GiB of models held + {ACTIVATIONS_GIB:g} activations + "
+            f"{RUNTIME_GIB:g} runtime (kuberay/README.md, \"Models per replica\")")
+    if memory_gib is not None and request < memory_gib:
+        problems.append(f"model pod memory request {request:g}Gi < replica.memory_gib "
+                        f"{memory_gib}")
+    if limit < max(plan["pod_limit_gib"], (memory_gib or 0) + OBJECT_STORE_GIB):
+        problems.append(f"model pod memory limit {limit:g}Gi < "
+                        f"{max(plan['pod_limit_gib'], (memory_gib or 0) + OBJECT_STORE_GIB):g}"
+                        f"Gi (the replica's memory + {OBJECT_STORE_GIB:g} GiB object store)")
+    return problems
+
+
+def base_model_resources() -> dict[str, Any]:
+    service = yaml.safe_load(BASE_RAYSERVICE.read_text())
+    (group,) = [g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+                if g["groupName"] == "model"]
+    return dict(group["template"]["spec"]["containers"][0]["resources"])
+
+
 def rendered() -> dict[Path, str]:
     config = cluster_config(production_config())
     return {
@@ -110,11 +188,15 @@ def stale() -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    args = production_config()["applications"][0].get("args") or {}
+    problems = sizing_problems(args, base_model_resources())
+    for problem in problems:
+        print(f"model pod too small: {problem}")
     if "--check" in argv:
         paths = stale()
         for path in paths:
             print(f"stale: {path.relative_to(REPO)} (run: python kuberay/generate.py)")
-        return 1 if paths else 0
+        return 1 if paths or problems else 0
     for path, text in rendered().items():
         path.write_text(text)
         print(f"wrote {path.relative_to(REPO)}")
