@@ -135,6 +135,12 @@ class LoraConfig(StrictModel):
     adapter_name: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
 
 
+def _known_embedded(source: str) -> str:
+    if source.startswith("embedded:") and source not in EMBEDDED_MODELS:
+        raise ValueError(f"source {source!r}: the embedded models are {list(EMBEDDED_MODELS)}")
+    return source
+
+
 def _unique_adapters(loras: list[LoraConfig]) -> list[LoraConfig]:
     names = [lora.adapter_name for lora in loras if lora.adapter_name is not None]
     if len(set(names)) != len(names):
@@ -195,6 +201,11 @@ class ModelConfig(StrictModel):
     @classmethod
     def _loras_unique(cls, loras: list[LoraConfig]) -> list[LoraConfig]:
         return _unique_adapters(loras)
+
+    @field_validator("source")
+    @classmethod
+    def _embedded_exists(cls, source: str) -> str:
+        return _known_embedded(source)
 
     @property
     def source_kind(self) -> Literal["embedded", "directory", "hub"]:
@@ -263,6 +274,11 @@ class ModelEntry(StrictModel):
     @classmethod
     def _loras_unique(cls, loras: list[LoraConfig]) -> list[LoraConfig]:
         return _unique_adapters(loras)
+
+    @field_validator("source")
+    @classmethod
+    def _embedded_exists(cls, source: str) -> str:
+        return _known_embedded(source)
 
 
 class BatchingConfig(StrictModel):

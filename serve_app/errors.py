@@ -50,6 +50,13 @@ class InvalidImage(InvalidRequest):
     code = "invalid_image"
 
 
+class UnknownModel(InvalidRequest):
+    """A request names a model this service does not serve: the message lists the valid
+    ids (422; 400 on /v1)."""
+
+    code = "unknown_model"
+
+
 class NotSupported(ServiceError):
     """A feature the serving backend lacks (image-to-image on OpenVINO)."""
 
@@ -143,6 +150,14 @@ class ReplicaLost(RetryLater):
 class GenerationFailed(ServiceError):
     status_code = 500
     code = "generation_failed"
+
+
+class ModelUnavailable(ServiceError):
+    """A configured model could not be loaded in a model replica (its weights are missing,
+    or it names adapters this build cannot apply): the replica's log says why."""
+
+    status_code = 500
+    code = "model_unavailable"
 
 
 def error_body(err: ServiceError) -> dict[str, Any]:

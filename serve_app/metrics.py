@@ -35,6 +35,12 @@ QUEUE_DEPTH = "sdxl_queue_depth"
 DROPPED_CALLS = "sdxl_dropped_calls"
 # 1 while a Ray internal the batcher reads is missing (serve_app/ray_compat.py), by reach.
 RAY_COMPAT_DEGRADED = "sdxl_ray_compat_degraded"
+# Several models (Ray Serve model multiplexing): loads and evictions of a model's pipeline
+# in a model replica, load time, and the calls waiting per model in the batcher.
+MODEL_LOADS = "sdxl_model_loads"
+MODEL_EVICTIONS = "sdxl_model_evictions"
+MODEL_LOAD_TIME = "sdxl_model_load_seconds"
+MODEL_QUEUE_DEPTH = "sdxl_model_queue_depth"
 
 # name -> Prometheus type, for the dashboard test and the docs.
 METRICS: dict[str, str] = {
@@ -48,12 +54,18 @@ METRICS: dict[str, str] = {
     QUEUE_DEPTH: "gauge",
     DROPPED_CALLS: "counter",
     RAY_COMPAT_DEGRADED: "gauge",
+    MODEL_LOADS: "counter",
+    MODEL_EVICTIONS: "counter",
+    MODEL_LOAD_TIME: "histogram",
+    MODEL_QUEUE_DEPTH: "gauge",
 }
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300]
 WAIT_BUCKETS_S = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 ENCODE_BUCKETS_S = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+# From the embedded tiny model (well under a second) to a full model's OpenVINO export.
+LOAD_BUCKETS_S = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
 
 
 def exported_names() -> set[str]:
@@ -83,11 +95,29 @@ class ModelMetrics:
             PIPELINE_LATENCY, description="Seconds per pipeline call (one shape group).",
             boundaries=LATENCY_BUCKETS_S, tag_keys=("size", "steps"))
 
+        self.loads = metrics.Counter(
+            MODEL_LOADS, description="Models loaded into this replica (multiplexing), by "
+                                     "model id.", tag_keys=("model",))
+        self.evictions = metrics.Counter(
+            MODEL_EVICTIONS, description="Models evicted from this replica (least recently "
+                                         "used, to load another), by model id.",
+            tag_keys=("model",))
+        self.load_time = metrics.Histogram(
+            MODEL_LOAD_TIME, description="Seconds to load (and warm up) a model in a replica.",
+            boundaries=LOAD_BUCKETS_S, tag_keys=("model",))
+
     def record_pipeline_call(self, width: int, height: int, steps: int, images: int,
                              seconds: float) -> None:
         tags = {"size": f"{width}x{height}", "steps": str(steps)}
         self.pipeline_latency.observe(seconds, tags=tags)
         self.images.inc(images, tags=tags)
+
+    def record_load(self, model: str, seconds: float) -> None:
+        self.loads.inc(tags={"model": model})
+        self.load_time.observe(seconds, tags={"model": model})
+
+    def record_eviction(self, model: str) -> None:
+        self.evictions.inc(tags={"model": model})
 
 
 class BatcherMetrics:
@@ -112,7 +142,11 @@ class BatcherMetrics:
         self.dropped = metrics.Counter(
             DROPPED_CALLS, description="Calls dropped before running, by reason.",
             tag_keys=("reason",))
+        self.model_queue_depth = metrics.Gauge(
+            MODEL_QUEUE_DEPTH, description="Calls waiting in the batcher, by class and model.",
+            tag_keys=("class", "model"))
         self._shapes_seen: set[tuple[str, str]] = set()
+        self._models_seen: set[tuple[str, str]] = set()
 
     def record_batch(self, size: int, waits: list[tuple[str, float]]) -> None:
         self.batch_size.observe(size)
@@ -120,12 +154,17 @@ class BatcherMetrics:
         for klass, wait in waits:
             self.queue_wait.observe(max(wait, 0.0), tags={"class": klass})
 
-    def set_depth(self, depth: dict[tuple[str, str], int]) -> None:
+    def set_depth(self, depth: dict[tuple[str, str], int],
+                  by_model: dict[tuple[str, str], int] | None = None) -> None:
         # A (class, shape) that emptied is set to 0, not left at its last value.
         self._shapes_seen.update(depth)
         for klass, shape in self._shapes_seen:
             self.queue_depth.set(depth.get((klass, shape), 0),
                                  tags={"class": klass, "shape": shape})
+        self._models_seen.update(by_model or {})
+        for klass, model in self._models_seen:
+            self.model_queue_depth.set((by_model or {}).get((klass, model), 0),
+                                       tags={"class": klass, "model": model})
 
     def record_dropped(self, reason: str) -> None:
         self.dropped.inc(tags={"reason": reason})

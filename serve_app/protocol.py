@@ -46,6 +46,9 @@ class GenerationItem:
     # Write a small preview image per denoising step beside the step count (only when a
     # client watches: it costs the replica a projection and a tiny PNG per step).
     preview: bool = False
+    # The model's id (config: model.id, models[].id); None: the default model. Calls of
+    # different models never share a batch: they run on different pipelines.
+    model: str | None = None
 
     @property
     def kind(self) -> Kind:

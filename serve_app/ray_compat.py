@@ -18,6 +18,13 @@ wait), one warning per reach in the replica's log, and the gauge
 * `wait_assigned(response)`: resolves when a DeploymentResponse's request has been
   assigned to a replica (not when it has finished). `_to_object_ref` (DeveloperAPI) waits
   for the same thing but requires by-reference results and is private-named too.
+* `evict_least_recently_used(load_model)`: the model replica's memory budget
+  (replica.models_memory_gib). `@serve.multiplexed` evicts only by count
+  (max_num_models_per_replica); to make room by size the replica asks Ray's own multiplex
+  wrapper (its private `__serve_multiplex_wrapper`, `models`, `unload_model_lru` and
+  `_push_multiplexed_replica_info`) to unload its least recently used model, so Ray's LRU
+  order, its unload path and what the router learns stay the one truth. Without them the
+  count limit still holds; the memory budget is then not kept (logged and counted).
 
 Where Ray 2.60 has a public API it is used: `with_more_requests` builds a new
 AutoscalingContext (a stable public class) with a larger request count, for the custom
@@ -40,6 +47,10 @@ logger = logging.getLogger("ray.serve")
 
 HANDLE_REPLICAS = "handle_replica_count"
 RESPONSE_ASSIGNED = "response_assigned"
+MULTIPLEX_EVICT = "multiplex_evict"
+# Where @serve.multiplexed keeps its wrapper: on the decorated function's object (for a
+# function decorated at run time, the function itself: functools.wraps' __wrapped__).
+_MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
 
 _lock = threading.Lock()
 _warned: set[str] = set()
@@ -108,6 +119,32 @@ async def wait_assigned(response: Any) -> None:
         return
     await fetch()
     _report(RESPONSE_ASSIGNED, 0)
+
+
+async def evict_least_recently_used(load_model: Any) -> str | None:
+    """Unloads the least recently used model held by `load_model` (a function decorated
+    at run time with @serve.multiplexed) the way Ray's own count limit does (the model's
+    __del__ is called, the router is told), and returns its id. None when it holds none,
+    or when Ray's internals moved (logged and counted: nothing is unloaded)."""
+    wrapper = getattr(getattr(load_model, "__wrapped__", None), _MULTIPLEX_ATTR, None)
+    if wrapper is None:
+        _degraded(MULTIPLEX_EVICT, f"no {_MULTIPLEX_ATTR} on the multiplexed function")
+        return None
+    models = getattr(wrapper, "models", None)
+    unload = getattr(wrapper, "unload_model_lru", None)
+    if models is None or unload is None or not hasattr(wrapper,
+                                                       "_push_multiplexed_replica_info"):
+        _degraded(MULTIPLEX_EVICT, f"{type(wrapper).__name__} has no models, "
+                                   "unload_model_lru or _push_multiplexed_replica_info")
+        return None
+    _report(MULTIPLEX_EVICT, 0)
+    if not models:
+        return None
+    model_id = next(iter(models))
+    await unload()
+    # Tell the controller (and so the routers) at the next push, as Ray's count limit does.
+    wrapper._push_multiplexed_replica_info = True
+    return str(model_id)
 
 
 def with_more_requests(ctx: AutoscalingContext, extra: float) -> AutoscalingContext:

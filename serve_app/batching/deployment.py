@@ -6,6 +6,11 @@ is formed only when a replica can take it: while every replica is busy the waiti
 grow into the next batches, in priority order, and a lone call on an idle service never
 waits.
 
+Each batch is of one model (queue.py): it goes to the model deployment with that model's
+id as the multiplexed model id (`handle.options(multiplexed_model_id=...)`), so Ray's
+router prefers a replica that already holds the model, and the replica loads it if none
+does (serve_app/model/deployment.py).
+
 A batch lost with its model replica is queued again in its place (up to
 REPLICA_LOST_ATTEMPTS times per call). A call whose client left before its batch was formed
 is dropped and counted. Batching settings are this deployment's `user_config`: they change
@@ -41,6 +46,9 @@ class Batcher:
     def __init__(self, model: Any, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
         self._model = model
+        # Per model id: the model handle with that multiplexed model id (sharing the
+        # handle's router, so known_replicas(self._model) still counts the replicas).
+        self._handles: dict[str, Any] = {}
         self._queue = BatchQueue(self.config.batching,
                                  max_waiting=self.config.replica.max_queued_requests,
                                  job_max_wait_s=self.config.batching.job_max_wait_s)
@@ -49,6 +57,8 @@ class Batcher:
         self._running: set[asyncio.Task] = set()
         # What tests and operators read back: recent batch sizes as formed, calls dropped.
         self._batch_sizes: deque[int] = deque(maxlen=BATCH_HISTORY)
+        # The models of each batch's calls (one, always: queue.py never mixes them).
+        self._batch_models: deque[list[str]] = deque(maxlen=BATCH_HISTORY)
         self._dropped = 0
         self._requeued = 0
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
@@ -61,6 +71,7 @@ class Batcher:
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self._batch_sizes), "dropped": self._dropped,
+                "batch_models": list(self._batch_models),
                 "requeued": self._requeued, "waiting": len(self._queue),
                 "batching": self._queue.config.model_dump()}
 
@@ -142,9 +153,11 @@ class Batcher:
         next batch formed, from everything that arrived meanwhile."""
         now = time.monotonic()
         self._batch_sizes.append(len(batch))
+        self._batch_models.append(sorted({p.call.model or "" for p in batch}))
         self._metrics.record_batch(len(batch), [(p.call.priority, now - p.arrived)
                                                 for p in batch])
-        response = self._model.run_batch.remote(
+        model_id = batch[0].call.model or self.config.default_model_id
+        response = self._model_handle(model_id).run_batch.remote(
             ModelBatch(tuple(p.call for p in batch), backlog=len(self._queue)))
         try:
             # Resolves when the router has assigned the batch to a replica with a free slot.
@@ -189,5 +202,12 @@ class Batcher:
             if not pending.future.done():  # a cancelled call's future is done already
                 pending.future.set_result(result_of(pending))
 
+    def _model_handle(self, model_id: str) -> Any:
+        handle = self._handles.get(model_id)
+        if handle is None:
+            handle = self._handles[model_id] = self._model.options(
+                multiplexed_model_id=model_id)
+        return handle
+
     def _publish_depth(self) -> None:
-        self._metrics.set_depth(self._queue.depth())
+        self._metrics.set_depth(self._queue.depth(), self._queue.depth_by_model())

@@ -2,7 +2,8 @@
 
 Plain Python (no Ray, no asyncio beyond futures), so the order rules are tested directly:
 
-* A batch holds calls of one kind (text-to-image or image-to-image, which run different
+* A batch holds calls of one model (each its own pipeline, on a replica that holds it), one
+  kind (text-to-image or image-to-image, which run different
   pipelines; image-to-image also of one strength), one shape (width, height, steps) and
   one priority class, at most
   `max_batch_size` calls, `max_images_per_call` images and `max_batch_image_steps` of work
@@ -10,9 +11,11 @@ Plain Python (no Ray, no asyncio beyond futures), so the order rules are tested 
 * Interactive calls go before async-job calls. A job call that has waited
   `job_max_wait_s` is served as if interactive, so a steady interactive stream cannot
   starve jobs for ever.
-* Within a class the batch is built around the oldest waiting call (first come, first
-  served across shapes), and takes that shape's other calls in arrival order: no shape and
-  no call waits behind later arrivals of its class.
+* Within a class the models take turns (round robin: the model served longest ago that
+  has calls of the class waiting goes next), so a burst for one model does not starve
+  another. Within a model the batch is built around its oldest waiting call (first come,
+  first served across shapes), and takes that shape's other calls in arrival order: no
+  shape and no call waits behind later arrivals of its class and model.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from serve_app.config import BatchingConfig
 from serve_app.protocol import GenerationItem, ModelResult
 
 CLASSES = ("interactive", "job")
+# The model tag of calls that name none (the ingress always names one; a job queued before
+# models existed may not).
+DEFAULT_MODEL_TAG = "default"
 
 
 class QueueFull(Exception):
@@ -64,6 +70,9 @@ class BatchQueue:
     clock: Callable[[], float] = time.monotonic
     _waiting: list[Pending] = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)
+    # Models in the order they take turns: the one served longest ago first (a model seen
+    # for the first time joins at the end).
+    _turns: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -73,6 +82,8 @@ class BatchQueue:
             raise QueueFull(f"{len(self._waiting)} calls waiting")
         pending = Pending(call, self.clock(), next(self._seq), future)
         self._waiting.append(pending)
+        if call.model not in self._turns:
+            self._turns.append(call.model)
         return pending
 
     def oldest_arrival(self) -> float | None:
@@ -104,16 +115,22 @@ class BatchQueue:
         if not self._waiting:
             return []
         now = self.clock()
-        # The oldest call of the most urgent class leads; the list is in arrival order.
-        lead = min(self._waiting, key=lambda p: (self._effective_class(p, now), p.seq))
-        lead_class = self._effective_class(lead, now)
+        lead_class = min(self._effective_class(p, now) for p in self._waiting)
+        urgent = [p for p in self._waiting if self._effective_class(p, now) == lead_class]
+        # The model whose turn it is, among those with calls of the most urgent class.
+        waiting_models = {p.call.model for p in urgent}
+        model = next(m for m in self._turns if m in waiting_models)
+        self._turns.remove(model)
+        self._turns.append(model)
+        # Its oldest call of that class leads; the list is in arrival order.
+        lead = next(p for p in urgent if p.call.model == model)
         batch = [lead]
         images, work = lead.images, lead.work
-        for pending in self._waiting:
+        for pending in urgent:
             if len(batch) >= self.config.max_batch_size:
                 break
-            if (pending is lead or pending.call.batch_key != lead.call.batch_key
-                    or self._effective_class(pending, now) != lead_class):
+            if (pending is lead or pending.call.model != model
+                    or pending.call.batch_key != lead.call.batch_key):
                 continue
             if (images + pending.images > self.config.max_images_per_call
                     or work + pending.work > self.config.max_batch_image_steps):
@@ -134,5 +151,14 @@ class BatchQueue:
             call = pending.call
             suffix = "/img2img" if call.kind == "img2img" else ""
             key = (call.priority, f"{call.width}x{call.height}/{call.steps}{suffix}")
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def depth_by_model(self) -> dict[tuple[str, str], int]:
+        """Waiting calls by (class, model id), for the per-model queue-depth gauge; the
+        default model's calls (model None) count under `default`."""
+        counts: dict[tuple[str, str], int] = {}
+        for pending in self._waiting:
+            key = (pending.call.priority, pending.call.model or DEFAULT_MODEL_TAG)
             counts[key] = counts.get(key, 0) + 1
         return counts

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from serve_app.config import AppConfig, LimitsConfig, parse_size
 from serve_app.errors import InvalidImage, InvalidRequest, field_of
 from serve_app.generation.image_input import check_input_image
+from serve_app.generation.models import catalog_of
 from serve_app.generation.schemas import Image2ImageRequest, Text2ImageRequest
 from serve_app.protocol import GenerationItem, Priority, denoising_steps
 
@@ -65,6 +66,7 @@ def check_image_request(request: Image2ImageRequest, limits: LimitsConfig) -> No
 
 def check_limits(request: Text2ImageRequest, config: AppConfig) -> None:
     limits = config.limits
+    catalog_of(config).resolve(request.model)
     if request.size not in limits.allowed_sizes:
         raise InvalidRequest(f"size must be one of {limits.allowed_sizes}", field="size")
     if request.step > limits.max_steps:
@@ -90,9 +92,10 @@ def steps_per_call(body: Text2ImageRequest) -> int:
 
 def plan_calls(request: Text2ImageRequest, seed: int, progress_key: str | None = None,
                priority: Priority = "interactive",
-               preview: bool = False) -> list[GenerationItem]:
+               preview: bool = False, model: str | None = None) -> list[GenerationItem]:
     """`number` model calls of `batch` images each: the reference service's loop shape.
-    Separate calls may land in separate batches, on separate replicas."""
+    Separate calls may land in separate batches, on separate replicas. `model`: the
+    resolved model id the calls run on."""
     width, height = parse_size(request.size)
     image = request.image if isinstance(request, Image2ImageRequest) else None
     strength = request.strength if isinstance(request, Image2ImageRequest) else 1.0
@@ -100,6 +103,6 @@ def plan_calls(request: Text2ImageRequest, seed: int, progress_key: str | None =
         GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,
                        seed=seed, call_index=i, count=request.batch,
                        progress_key=progress_key, priority=priority, init_image=image,
-                       strength=strength, preview=preview)
+                       strength=strength, preview=preview, model=model)
         for i in range(request.number)
     ]

@@ -61,6 +61,9 @@ class Text2ImageRequest(BaseModel):
     batch: int = Field(default=1, ge=1, le=64, strict=True, description="Images per call.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True,
                              description="Same seed, prompt and parameters give the same bytes.")
+    model: str | None = Field(default=None, max_length=200,
+                              description="The model's id (GET /v1/models, /readyz); absent: "
+                                          "the default model.")
 
     @field_validator("prompt")
     @classmethod
@@ -95,7 +98,10 @@ class Image2ImageRequest(Text2ImageRequest):
 
 class InputMeta(BaseModel):
     batch: int
+    # The model's source (hub id, directory or embedded name), as before there were several.
     model: str
+    # The id of the model that made the images (the request's `model`, or the default).
+    modelId: str
     number: int
     prompt: str
     size: str
@@ -172,6 +178,21 @@ class Protections(BaseModel):
     acceptedRisks: list[str] = Field(description="security.accept_risks.")
 
 
+class ServedModel(BaseModel):
+    """One served model (/readyz `models`, and the extra fields of /v1/models' entries)."""
+
+    id: str = Field(description="What a request names in `model`.")
+    default: bool = Field(description="Requests that name no model get this one.")
+    source: Literal["embedded", "directory", "hub"] = Field(
+        description="Where its weights come from (never the path).")
+    loras: int = Field(description="LoRA adapters it applies.")
+    loaded: bool | None = Field(
+        default=None, description="/readyz: the model replica that answered holds it now "
+                                  "(others may hold other models).")
+    backend: str | None = Field(default=None, description="What it runs on, where loaded.")
+    dtype: str | None = None
+
+
 class ReadyResponse(BaseModel):
     """The /readyz body once a model replica has loaded and warmed up (the model replica's
     info; fields it did not report are null)."""
@@ -199,6 +220,8 @@ class ReadyResponse(BaseModel):
                     "Security).")
     optimizations: Optimizations
     warnings: list[str]
+    models: list[ServedModel] = Field(
+        default_factory=list, description="The served models, the default first.")
 
 
 # The errors each status carries (README, "Endpoints and errors").
@@ -210,10 +233,13 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     422: "`invalid_request`: a field is missing, mistyped or out of range (`field` names "
          "it), or the body is not UTF-8 JSON (`field: body`); `invalid_image`: the input "
          "image is not a PNG or JPEG, its sides are outside the limits, or it does not "
-         "decode (`field: image`).",
+         "decode (`field: image`); `unknown_model`: `model` names no served model (the "
+         "message lists the valid ids).",
     501: "`not_supported`: the model's generator cannot do this (image-to-image with a "
          "custom `model.generator` that does not implement it; every shipped backend does).",
-    500: "`generation_failed`: the pipeline failed; `requestId` finds it in the logs.",
+    500: "`generation_failed`: the pipeline failed; `requestId` finds it in the logs. "
+         "`model_unavailable`: the named model could not be loaded (the model replica's "
+         "log says why).",
     503: "`overloaded` (with `Retry-After`): the model replicas' queues are full; "
          "`not_ready` on /readyz: no model replica has loaded yet.",
     504: "`timeout`: generation took longer than `ingress.request_timeout_s`.",

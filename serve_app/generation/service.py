@@ -21,10 +21,12 @@ from serve_app.errors import (
     GenerationFailed,
     GenerationTimeout,
     InvalidImage,
+    ModelUnavailable,
     NotSupported,
     Overloaded,
     ReplicaLost,
 )
+from serve_app.generation.models import catalog_of
 from serve_app.generation.requests import new_request_id, plan_calls, seed_of
 from serve_app.generation.schemas import (
     Image2ImageRequest,
@@ -64,7 +66,11 @@ class GenerationService:
         request_id and seed: a new id, and the body's seed or a random one, unless given."""
         request_id = request_id if request_id is not None else new_request_id()
         seed = seed if seed is not None else seed_of(body)
-        items = plan_calls(body, seed, progress_key, priority, preview)
+        # Resolved here too: a job queued before an upgrade names none (the default), one
+        # queued for a model since removed from the config fails as the client's error.
+        catalog = catalog_of(self.config)
+        model_id = catalog.resolve(body.model)
+        items = plan_calls(body, seed, progress_key, priority, preview, model=model_id)
         started = time.perf_counter()
         results = await self._run_calls(items, request_id, on_call_done)
         generation_s = time.perf_counter() - started
@@ -83,10 +89,11 @@ class GenerationService:
             for j in range(len(result.images))
         ]
         total = len(output)
-        logger.info("request %s: %d images %s %d steps in %.3fs", request_id, total, body.size,
-                    body.step, generation_s)
+        logger.info("request %s: %d images %s %d steps of model %s in %.3fs", request_id,
+                    total, body.size, body.step, model_id, generation_s)
         meta: dict[str, Any] = {
-            "batch": body.batch, "model": self.config.model.source, "number": body.number,
+            "batch": body.batch, "model": catalog.models[model_id].source,
+            "modelId": model_id, "number": body.number,
             "prompt": body.prompt, "size": body.size, "step": body.step, "seed": seed,
         }
         response: type[Text2ImageResponse] = Text2ImageResponse
@@ -160,6 +167,9 @@ class GenerationService:
             if result.error == "not_supported":
                 raise NotSupported(result.message or "not supported by this backend",
                                    request_id=request_id)
+            if result.error == "model_unavailable":
+                raise ModelUnavailable(result.message or "the model could not be loaded",
+                                       request_id=request_id)
         for result, _ in results:
             if result.error is not None:
                 logger.error("request %s: pipeline error %s", request_id, result.error)

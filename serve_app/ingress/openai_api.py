@@ -4,10 +4,12 @@
 
 Mapping (README, "OpenAI-compatible API"): `n` images are `n` model calls of one image
 each; `size` must be one of `limits.allowed_sizes` ("auto" or absent: the first of them);
-`response_format` is `url` (default) or `b64_json`; `model` is optional and must name the
-served model when given. `quality`, `style`, `user`, `background`, `moderation`,
-`input_fidelity` and `output_compression` are accepted and ignored; `output_format` other
-than png, `mask`, `stream` and `partial_images` are rejected. Extensions the SDKs pass in
+`response_format` is `url` (default) or `b64_json`; `model` is optional and names one of
+the served models (GET /v1/models: their ids; absent: the default model); OpenAI's own
+model names (dall-e-2, dall-e-3, gpt-image-1) name none and get 400 listing the valid
+ids. `quality`, `style`, `user`, `background`, `moderation`, `input_fidelity` and
+`output_compression` are accepted and ignored; `output_format` other than png, `mask`,
+`stream` and `partial_images` are rejected. Extensions the SDKs pass in
 `extra_body`: `seed`, `step`, and for edits `strength`.
 """
 
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound
+from serve_app.generation.models import catalog_of
 from serve_app.generation.requests import validate_request
 from serve_app.generation.schemas import (
     MAX_SEED,
@@ -33,8 +36,6 @@ from serve_app.generation.service import GenerationService
 from serve_app.store import ImageStore
 
 OWNER = "sdxl-turbo-serve"
-# Names clients may use for the served model besides its source (hub id, directory).
-MODEL_ALIASES = ("sdxl-turbo",)
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -80,8 +81,8 @@ class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
-    model: str | None = Field(default=None, description="The served model (GET /v1/models) "
-                                                        "or `sdxl-turbo`; absent: that one.")
+    model: str | None = Field(default=None, description="A served model's id (GET "
+                                                        "/v1/models); absent: the default.")
     n: int | None = Field(default=None, ge=1, le=64, description="Images (model calls).")
     size: str | None = Field(default=None, description="One of the allowed sizes, or "
                                                        "`auto` (the first allowed size).")
@@ -130,25 +131,28 @@ class OpenAIImagesService:
         self.config = config
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._model_card()]}
+        """OpenAI's model list: every served model by id, the default first, with this
+        service's extra fields (default, source kind, LoRA adapters)."""
+        return {"object": "list",
+                "data": [self._model_card(entry) for entry in catalog_of(self.config).listing()]}
 
     def model(self, model_id: str) -> dict[str, Any]:
-        if model_id not in self._model_ids():
-            raise NotFound(f"model {model_id!r} is not served here", field="model")
-        return self._model_card()
+        catalog = catalog_of(self.config)
+        try:
+            resolved = catalog.resolve(model_id)
+        except InvalidRequest:
+            raise NotFound(f"model {model_id!r} is not served here; valid ids: "
+                           f"{catalog.ids}", field="model") from None
+        return next(self._model_card(entry) for entry in catalog.listing()
+                    if entry["id"] == resolved)
 
-    def _model_ids(self) -> tuple[str, ...]:
-        return (self.config.model.source, *MODEL_ALIASES)
-
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.config.model.source, "object": "model", "created": 0,
-                "owned_by": OWNER}
+    @staticmethod
+    def _model_card(entry: dict[str, Any]) -> dict[str, Any]:
+        return {"id": entry["id"], "object": "model", "created": 0, "owned_by": OWNER,
+                **{k: v for k, v in entry.items() if k != "id"}}
 
     def to_request(self, body: OpenAIImageRequest) -> Text2ImageRequest:
         """The OpenAI parameters as this service's request (its limits then apply)."""
-        if body.model is not None and body.model not in self._model_ids():
-            raise InvalidRequest(f"model must be one of {list(self._model_ids())}",
-                                 field="model")
         for name in ("stream", "partial_images"):
             if getattr(body, name):
                 raise InvalidRequest(f"{name} is not supported", field=name)
@@ -157,7 +161,9 @@ class OpenAIImagesService:
         if size not in sizes:
             raise InvalidRequest(f"size must be one of {sizes} or auto", field="size")
         fields: dict[str, Any] = {"prompt": body.prompt, "number": body.n or 1, "size": size,
-                                  "batch": 1}
+                                  "batch": 1,
+                                  # An unknown name: UnknownModel, 400 here naming the ids.
+                                  "model": catalog_of(self.config).resolve(body.model)}
         if body.step is not None:
             fields["step"] = body.step
         if body.seed is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from serve_app.config import EMBEDDED_TINY
+from serve_app.config import EMBEDDED_MODELS, EMBEDDED_TINY
 
 
 class ModelNotFoundError(RuntimeError):
@@ -29,7 +29,7 @@ def looks_like_path(source: str) -> bool:
 def check_local_source(source: str) -> None:
     """Cheap check for directory sources, where the weights are read (the model replica's
     load, the OpenVINO export), before anything is loaded."""
-    if source == EMBEDDED_TINY or not looks_like_path(source):
+    if source in EMBEDDED_MODELS or not looks_like_path(source):
         return
     path = Path(source).expanduser()
     if not (path / "model_index.json").is_file():
@@ -41,10 +41,10 @@ def check_local_source(source: str) -> None:
 
 def resolve_model_dir(source: str, revision: str | None = None,
                       cache_dir: str | None = None) -> Path:
-    if source == EMBEDDED_TINY:
+    if source in EMBEDDED_MODELS:
         from serve_app.model.tiny_model import ensure_tiny_model
 
-        return ensure_tiny_model(cache_dir)
+        return ensure_tiny_model(cache_dir, source.split(":", 1)[1])
     if looks_like_path(source):
         check_local_source(source)
         return Path(source).expanduser()

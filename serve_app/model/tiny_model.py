@@ -18,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_VERSION = "v1"
 WEIGHTS_SEED = 0
+# The embedded models by name (`embedded:<name>`): the same architecture, weights from
+# another seed, so the same prompt and seed give other images (the quick start's second
+# model). Each is generated once into the cache, under its name and TINY_MODEL_VERSION.
+TINY_MODEL_SEEDS = {"tiny-sdxl": WEIGHTS_SEED, "tiny-sdxl-b": 1}
 
 # sdxl-turbo's scheduler_config.json
 SCHEDULER_CONFIG = {
@@ -37,7 +41,7 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
-def build_tiny_pipeline():
+def build_tiny_pipeline(seed: int = WEIGHTS_SEED):
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -51,7 +55,7 @@ def build_tiny_pipeline():
 
     from serve_app.model.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
 
-    torch.manual_seed(WEIGHTS_SEED)
+    torch.manual_seed(seed)
     text_dim, proj_dim, time_dim = 32, 32, 8
     unet = UNet2DConditionModel(
         sample_size=64,
@@ -112,18 +116,20 @@ def assemble_sdxl_pipeline(unet, vae, text_encoder, text_encoder_2):
     )
 
 
-def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
-    """Return the directory of the tiny model, generating it once (atomically)."""
+def ensure_tiny_model(cache_dir: str | Path | None = None, name: str = "tiny-sdxl") -> Path:
+    """Return the directory of the embedded tiny model `name` (TINY_MODEL_SEEDS),
+    generating it once (atomically)."""
+    seed = TINY_MODEL_SEEDS[name]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"tiny-sdxl-{TINY_MODEL_VERSION}"
+    target = root / f"{name}-{TINY_MODEL_VERSION}"
     if (target / "model_index.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    logger.info("generating the embedded tiny SDXL model in %s", target)
+    logger.info("generating the embedded tiny SDXL model %s in %s", name, target)
     # Several replicas may start at once: each writes its own copy and renames it in.
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
         try:
             os.rename(staging, target)
         except OSError:

@@ -168,3 +168,55 @@ def test_image_to_image_work_counts_its_denoising_steps_and_the_encode():
         add(edit(name))
     assert names(queue.next_batch()) == ["a", "b"]
     assert names(queue.next_batch()) == ["c"]
+
+
+def of(name, model, priority="interactive", size=512):
+    return GenerationItem(name, size, size, 4, seed=1, priority=priority, model=model)
+
+
+def test_a_batch_never_mixes_models():
+    queue, add, _ = make(max_batch_size=8)
+    for i in range(4):
+        add(of(f"a{i}", "a"))
+        add(of(f"b{i}", "b"))
+    batches = []
+    while batch := queue.next_batch():
+        batches.append((batch[0].call.model, names(batch)))
+        assert len({p.call.model for p in batch}) == 1
+    assert batches == [("a", ["a0", "a1", "a2", "a3"]), ("b", ["b0", "b1", "b2", "b3"])]
+
+
+def test_models_take_turns_so_a_burst_for_one_does_not_starve_another():
+    queue, add, _ = make(max_batch_size=1)
+    for i in range(6):
+        add(of(f"a{i}", "a"), at=float(i))
+    add(of("b0", "b"), at=10.0)
+    add(of("c0", "c"), at=11.0)
+    order = []
+    while batch := queue.next_batch():
+        order.append(names(batch)[0])
+        if order == ["a0", "b0"]:
+            add(of("b1", "b"), at=12.0)  # b, just served, waits for c and a first
+    assert order == ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4", "a5"]
+    assert queue.depth_by_model() == {}
+    add(of("x", "a"))
+    add(of("y", "b", priority="job"))
+    add(of("z", None, priority="job"))
+    assert queue.depth_by_model() == {("interactive", "a"): 1, ("job", "b"): 1,
+                                      ("job", "default"): 1}
+
+
+def test_priority_classes_come_before_model_turns():
+    queue, add, clock = make(max_batch_size=4, job_max_wait_s=10.0)
+    add(of("job-b", "b", priority="job"), at=0.0)
+    add(of("live-a1", "a"), at=1.0)
+    add(of("live-a2", "a", size=1024), at=2.0)
+    # Interactive calls of a go first, though it is b's turn among the models.
+    assert names(queue.next_batch()) == ["live-a1"]
+    assert names(queue.next_batch()) == ["live-a2"]
+    assert names(queue.next_batch()) == ["job-b"]
+    add(of("old-job-a", "a", priority="job"), at=3.0)
+    add(of("live-b", "b"), at=4.0)
+    clock.now = 13.5  # old-job-a has waited past job_max_wait_s: interactive now
+    assert names(queue.next_batch()) == ["old-job-a"]  # a's turn (b was served last)
+    assert names(queue.next_batch()) == ["live-b"]

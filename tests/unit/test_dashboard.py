@@ -74,6 +74,7 @@ def test_dashboard_is_valid_grafana_json():
         "Replicas", "Images generated", "Pipeline latency by size and steps", "Batch size",
         "Queue wait in the batcher", "Pipeline calls per replica", "PNG encode time",
         "Errors by code", "Queue depth by class and shape", "Calls dropped before running",
+        "Model loads and evictions", "Model load time", "Queue depth by model",
     ]
     for panel in panels:
         assert panel["targets"], panel["title"]

@@ -136,3 +136,10 @@ def test_lora_fields_are_checked():
         LoraConfig(source="a", unknown=1)
     with pytest.raises(ValidationError):
         ModelEntry(id="b", source="a", loras=[{"source": "a", "scale": -4.5}])
+
+
+def test_only_the_embedded_models_that_exist_are_accepted():
+    with pytest.raises(ValidationError, match=r"the embedded models are \['embedded:tiny-sdxl'"):
+        AppConfig.model_validate({"model": {"source": "embedded:tiny-sdxl-c"}})
+    with pytest.raises(ValidationError, match=r"models\[0\] \(id 'c'\): source: Value error"):
+        AppConfig.model_validate({"models": [{"id": "c", "source": "embedded:nope"}]})

@@ -12,7 +12,13 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_app.errors import InvalidImage, InvalidRequest, NotFound, install_error_handlers
+from serve_app.errors import (
+    InvalidImage,
+    InvalidRequest,
+    NotFound,
+    UnknownModel,
+    install_error_handlers,
+)
 from serve_app.generation.schemas import Image2ImageRequest, Text2ImageRequest
 from serve_app.ingress.openai_api import (
     OpenAIEditRequest,
@@ -68,13 +74,34 @@ def test_a_bad_edit_image_is_invalid_image():
 
 
 def test_models_and_the_served_model_by_alias():
+    # Issue 23: models are listed by id (what `model=` takes), no longer by source; the
+    # source still names its model, for clients written against the earlier list.
     api = openai_service()
     assert api.models() == {"object": "list", "data": [
-        {"id": "embedded:tiny-sdxl", "object": "model", "created": 0,
-         "owned_by": "sdxl-turbo-serve"}]}
-    assert api.model("sdxl-turbo")["id"] == "embedded:tiny-sdxl"
+        {"id": "sdxl-turbo", "object": "model", "created": 0,
+         "owned_by": "sdxl-turbo-serve", "default": True, "source": "embedded", "loras": 0}]}
+    assert api.model("sdxl-turbo")["id"] == "sdxl-turbo"
+    assert api.model("embedded:tiny-sdxl")["id"] == "sdxl-turbo"
     with pytest.raises(NotFound):
         api.model("gpt-image-1")
+
+
+def test_several_models_by_id_and_the_sdk_model_parameter():
+    api = openai_service(models=[{"id": "tiny-b", "source": "embedded:tiny-sdxl-b"}])
+    assert [(m["id"], m["default"]) for m in api.models()["data"]] == [
+        ("sdxl-turbo", True), ("tiny-b", False)]
+    assert api.model("tiny-b")["id"] == "tiny-b"
+    assert api.model("embedded:tiny-sdxl-b")["id"] == "tiny-b"
+    assert api.to_request(OpenAIImageRequest(prompt="p", model="tiny-b")).model == "tiny-b"
+    assert api.to_request(OpenAIImageRequest(prompt="p")).model == "sdxl-turbo"
+    for name in ("dall-e-2", "dall-e-3", "gpt-image-1"):
+        with pytest.raises(UnknownModel) as caught:
+            api.to_request(OpenAIImageRequest(prompt="p", model=name))
+        assert caught.value.message == (
+            f"model {name!r} is not served here; valid ids: ['sdxl-turbo', 'tiny-b']")
+        assert (caught.value.field, caught.value.status_code) == ("model", 422)  # 400 on /v1
+    with pytest.raises(NotFound, match=r"valid ids: \['sdxl-turbo', 'tiny-b'\]"):
+        api.model("dall-e-2")
 
 
 def test_urls_or_inline_pngs():

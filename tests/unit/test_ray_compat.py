@@ -142,3 +142,76 @@ def test_a_tls_queue_length_policy_builds_its_broker_with_the_tls_settings():
                                             queue_name="q")
     plain._ensure_broker()
     assert type(plain._broker) is Redis
+
+
+def test_the_multiplex_wrapper_internals_are_still_there():
+    from ray import serve
+    from ray.serve.multiplex import _ModelMultiplexWrapper
+
+    # Kept on the decorated function's object; a run-time decorated function is reached
+    # through functools.wraps' __wrapped__.
+    source = inspect.getsource(serve.multiplexed)
+    assert 'multiplex_attr = "__serve_multiplex_wrapper"' in source
+    assert "@wraps(func)" in source
+    assert "multiplex_object = func" in source
+    init = inspect.getsource(_ModelMultiplexWrapper.__init__)
+    assert "self.models = OrderedDict()" in init
+    assert "self._push_multiplexed_replica_info: bool = False" in init
+    assert inspect.iscoroutinefunction(_ModelMultiplexWrapper.unload_model_lru)
+    # Its LRU: the first key is the least recently used (popitem(last=False)).
+    assert "self.models.popitem(last=False)" in inspect.getsource(
+        _ModelMultiplexWrapper.unload_model_lru)
+    assert "self.models.move_to_end(model_id)" in inspect.getsource(
+        _ModelMultiplexWrapper.load_model)
+
+
+class _Wrapper:
+    """What @serve.multiplexed keeps (the attributes ray_compat reads), in memory."""
+
+    def __init__(self, models):
+        self.models = models
+        self._push_multiplexed_replica_info = False
+        self.unloaded = []
+
+    async def unload_model_lru(self):
+        model_id, _ = self.models.popitem(last=False)
+        self.unloaded.append(model_id)
+
+
+def _decorated(wrapper):
+    async def load(model_id):
+        return model_id
+
+    async def decorated(model_id):
+        return await load(model_id)
+    decorated.__wrapped__ = load
+    if wrapper is not None:
+        setattr(load, "__serve_multiplex_wrapper", wrapper)
+    return decorated
+
+
+def test_evicting_unloads_rays_least_recently_used_model_and_tells_the_router():
+    from collections import OrderedDict
+
+    ray_compat._state.clear()
+    wrapper = _Wrapper(OrderedDict([("old", 1), ("new", 2)]))
+    load = _decorated(wrapper)
+    assert asyncio.run(ray_compat.evict_least_recently_used(load)) == "old"
+    assert (wrapper.unloaded, list(wrapper.models)) == (["old"], ["new"])
+    assert wrapper._push_multiplexed_replica_info is True
+    assert asyncio.run(ray_compat.evict_least_recently_used(load)) == "new"
+    assert asyncio.run(ray_compat.evict_least_recently_used(load)) is None  # none held
+    assert ray_compat._state == {ray_compat.MULTIPLEX_EVICT: 0}
+
+
+def test_a_moved_multiplex_wrapper_degrades_visibly(caplog):
+    ray_compat._warned.clear()
+    ray_compat._state.clear()
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        assert asyncio.run(ray_compat.evict_least_recently_used(_decorated(None))) is None
+        moved = _decorated(object())
+        assert asyncio.run(ray_compat.evict_least_recently_used(moved)) is None
+    warnings = [r.getMessage() for r in caplog.records if "ray_compat" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("ray_compat: multiplex_evict is unavailable")
+    assert ray_compat._state == {ray_compat.MULTIPLEX_EVICT: 1}

@@ -117,7 +117,9 @@ def test_ready_response_reads_a_real_readyz_body():
                             "storeEncryption": "none", "storeTls": False, "acceptedRisks": []},
             "optimizations": {"applied": ["fuse_attention"],
                               "skipped": {"prepack_conv": "needs oneDNN bf16"}},
-            "warnings": []}
+            "warnings": [],
+            "models": [{"id": "sdxl-turbo", "default": True, "source": "embedded", "loras": 0,
+                        "loaded": True, "backend": "torch", "dtype": "float32"}]}
     assert ReadyResponse.model_validate(body).model_dump() == body
     with pytest.raises(ValueError):
         ReadyResponse.model_validate({**body, "status": "not_ready"})

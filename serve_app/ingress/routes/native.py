@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serve_app.errors import NotReady, to_response
+from serve_app.generation.models import catalog_of
 from serve_app.generation.schemas import (
     Image2ImageRequest,
     Image2ImageResponse,
@@ -79,6 +80,8 @@ async def readyz(svc: Services) -> JSONResponse:
         "optimizations": {"applied": info.get("optimizations", []),
                           "skipped": info.get("optimizations_skipped", {})},
         "warnings": info.get("warnings", []),
+        # Every served model; `loaded`: held by the model replica that answered.
+        "models": catalog_of(svc.config).listing(loaded=info.get("models_loaded")),
     })
 
 
