@@ -31,11 +31,6 @@ class ModelLoadError(RuntimeError):
     show: it names the model and the reason, never a path's contents or a trace)."""
 
 
-class LorasNotSupported(ModelLoadError):
-    """The model names LoRA adapters and this build does not apply them yet: refused, not
-    silently served without them (serve_app/model/lora.py replaces this)."""
-
-
 def load_model_generator(config: AppConfig, model_id: str) -> ImageGenerator:
     """The generator of one configured model: model.generator's factory (the same for every
     model) given the config with `model` set to that model (AppConfig.for_model). Blocking:
@@ -45,9 +40,8 @@ def load_model_generator(config: AppConfig, model_id: str) -> ImageGenerator:
         raise ModelLoadError(f"model {model_id!r} is not configured here "
                              f"(models: {list(models)})")
     model = models[model_id]
-    if model.loras:
-        raise LorasNotSupported(f"model {model_id!r} names {len(model.loras)} LoRA "
-                                f"adapter(s); this build does not apply LoRA adapters")
+    # The model's LoRA adapters travel in its config (model.loras): the generator applies
+    # them (serve_app/model/lora.py, from serve_app.model.pipeline.load_generator).
     factory = load_factory(model.generator)
     return factory(config.for_model(model_id))
 

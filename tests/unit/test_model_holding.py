@@ -3,14 +3,14 @@ model id loads, the eviction report Ray's multiplexer triggers through __del__, 
 memory account that decides evictions for replica.models_memory_gib."""
 
 import gc
+from types import SimpleNamespace
 
 import pytest
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, LoraConfig
 from serve_app.model.models import (
     HeldModels,
     LoadedModel,
-    LorasNotSupported,
     ModelLoadError,
     load_model_generator,
 )
@@ -30,11 +30,21 @@ def test_each_model_loads_with_its_own_model_config():
         load_model_generator(config, "c")
 
 
-def test_a_model_with_lora_adapters_is_refused_until_they_are_applied():
-    config = AppConfig.model_validate({"model": FAKE, "models": [
-        {"id": "styled", "source": "fake", "loras": [{"source": "embedded:test-lora"}]}]})
-    with pytest.raises(LorasNotSupported, match="model 'styled' names 1 LoRA adapter"):
-        load_model_generator(config, "styled")
+def record_loras(config):
+    """A generator factory that reports the adapters of the model it was given."""
+    return SimpleNamespace(info={"loras": config.model.loras})
+
+
+def test_a_model_with_lora_adapters_is_given_its_adapters():
+    """(Was refused until serve_app/model/lora.py applied them: tests/optimize/test_lora.py,
+    tests/integration/test_lora_models.py.)"""
+    config = AppConfig.model_validate({"model": {
+        **FAKE, "generator": "tests.unit.test_model_holding:record_loras"}, "models": [
+        {"id": "styled", "source": "fake", "loras": [{"source": "embedded:test-lora",
+                                                      "scale": 0.5}]}]})
+    assert load_model_generator(config, "styled").info["loras"] == [
+        LoraConfig(source="embedded:test-lora", scale=0.5)]
+    assert load_model_generator(config, "sdxl-turbo").info["loras"] == []
 
 
 def test_an_evicted_model_reports_once_and_drops_its_generator():
