@@ -10,9 +10,10 @@
   directory on torch (from_pretrained in float32, then the CPU levers), and from an exported
   OpenVINO IR (`--ir IR_DIR`: read + compile, first with an empty compiled-model cache, then
   with it warm). Each variant runs in its own subprocess, so the peak RSS is its own.
-* ``serve``: throughput of a running service (`--url`, loopback) for one model against two
-  models alternating, in the same run: `--models a,b --requests N --rounds R` sends N
-  sequential requests for model a, then N alternating a/b, R times, and reports images/s.
+* ``serve``: throughput of a service for one model against two models alternating, in the
+  same run: `--models a,b --requests N --rounds R` sends N sequential requests for model a,
+  then N alternating a/b, R times, and reports images/s. `--config FILE` starts `serve run
+  FILE` (loopback only) and stops it after; else `--url` of a running service.
 
 `python -m serve_app.bench.models lora|load|serve ...`; prints one JSON line.
 """
@@ -217,22 +218,23 @@ def _load_one(argv: list[str]) -> None:
 
 def bench_serve(url: str, models: list[str], requests: int, rounds: int, size: str,
                 steps: int) -> dict[str, Any]:
+    """Sequential requests (one at a time: the model replica's own speed, no batching) to
+    the native API of a running service on loopback."""
     import httpx
 
-    width, height = (int(v) for v in size.split("x"))
-
     def call(client: httpx.Client, model: str, seed: int) -> None:
-        response = client.post(f"{url}/api/generate", json={
+        response = client.post(f"{url}/api/text2image", json={
             "prompt": "a lighthouse at dusk", "model": model, "seed": seed,
-            "steps": steps, "width": width, "height": height})
+            "step": steps, "size": size})
         response.raise_for_status()
 
-    out: dict[str, Any] = {"models": models, "requests": requests, "rounds": rounds}
+    out: dict[str, Any] = {"models": models, "requests": requests, "rounds": rounds,
+                           "size": size, "steps": steps}
     runs: dict[str, list[float]] = {"one_model": [], "two_alternating": []}
     with httpx.Client(timeout=600) as client:
         for model in models:  # each loaded once before timing
             call(client, model, 0)
-        for _ in range(rounds):
+        for _ in range(rounds):  # the two sequences alternate: the host's load drifts
             for label, sequence in (("one_model", [models[0]] * requests),
                                     ("two_alternating",
                                      [models[i % 2] for i in range(requests)])):
@@ -244,6 +246,42 @@ def bench_serve(url: str, models: list[str], requests: int, rounds: int, size: s
         out[f"{label}_images_per_s"] = round(statistics.median(values), 3)
         out[f"{label}_all"] = [round(v, 3) for v in values]
     return out
+
+
+def serve_and_bench(config: str, timeout_s: float, **kwargs: Any) -> dict[str, Any]:
+    """`serve run config` in its own session (loopback only), bench_serve against it, then
+    SIGINT to that session (never `ray stop`)."""
+    import signal
+
+    import httpx
+
+    from serve_app.bench.startup import readyz_url
+
+    url = readyz_url(config).removesuffix("/readyz")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", config],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    started = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None or time.monotonic() - started > timeout_s:
+                raise SystemExit(f"serve run {config}: not ready in {timeout_s:g} s")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        result = bench_serve(url, **kwargs)
+        result["readyz"] = httpx.get(f"{url}/readyz", timeout=5).json().get("models")
+        return result
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--compiled-cache", default="/tmp/sdxl-bench-compiled-cache")
     serve = sub.add_parser("serve")
     serve.add_argument("--url", default="http://127.0.0.1:8000")
+    serve.add_argument("--config", help="a serve config to start (loopback) and stop")
+    serve.add_argument("--start-timeout", type=float, default=300)
     serve.add_argument("--models", required=True, help="two model ids, comma-separated")
     serve.add_argument("--requests", type=int, default=8)
     serve.add_argument("--rounds", type=int, default=2)
@@ -277,8 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "load":
         result.update(bench_load(args.model, args.ir, args.threads, args.compiled_cache))
     else:
-        result.update(bench_serve(args.url, args.models.split(","), args.requests,
-                                  args.rounds, args.size, args.steps))
+        options = dict(models=args.models.split(","), requests=args.requests,
+                       rounds=args.rounds, size=args.size, steps=args.steps)
+        if args.config:
+            result.update(serve_and_bench(args.config, args.start_timeout, **options))
+        else:
+            result.update(bench_serve(args.url, **options))
     print(json.dumps(result))
 
 
