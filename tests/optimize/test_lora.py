@@ -139,3 +139,25 @@ def test_auto_runs_a_model_with_adapters_on_torch(cache_dir):
     eager = image(load(cache_dir, loras)[0]).astype(int)
     served = generator.generate(ITEMS)[0][0].astype(int)
     assert float(np.abs(served - eager).mean()) <= MEAN_TOLERANCE
+
+
+def test_the_lora_bench_on_the_tiny_model(tiny_model_dir, capsys):
+    """`python -m serve_app.bench.models lora` (BENCHMARKS.md, "LoRA adapters"): the
+    adapter changes the step's output, fused and unfused agree, an unfuse leaves the base
+    close to where it was."""
+    import json
+
+    from serve_app.bench.models import main
+
+    main(["lora", "--model", str(tiny_model_dir), "--rank", "4", "--repeat", "1",
+          "--threads", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The tiny UNet's 16 attention modules x (to_q, to_k, to_v, to_out.0).
+    assert (result["rank"], result["adapter_layers"]) == (4, 64)
+    assert result["max_abs_diff_adapter_vs_base"] > 1e-3
+    assert result["max_abs_diff_unfused_vs_fused"] < 1e-4
+    assert result["max_abs_diff_base_after_unfuse"] < 1e-4
+    for key in ("step_base_s", "step_unfused_a_s", "step_fused_a_s", "switch_unfused_s",
+                "switch_fused_s", "fuse_s", "unfuse_s", "load_adapter_a_s"):
+        assert result[key] > 0
+    assert len(result["step_base_all_s"]) == 1
