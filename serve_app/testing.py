@@ -81,7 +81,14 @@ class FakeGenerator:
 
 
 def load_fake_generator(config: Any) -> FakeGenerator:
-    generator = FakeGenerator(**config.model.generator_options)
+    options = dict(config.model.generator_options)
+    # loads_log: a file that gets one line per model load, the model's id: tests count
+    # loads (and where several model replicas run, which replica loaded what).
+    loads_log = options.pop("loads_log", None)
+    if loads_log:
+        with open(loads_log, "a", encoding="utf-8") as log:
+            log.write(f"{config.model.id}\n")
+    generator = FakeGenerator(**options)
     # The profile as configured (the fake has no parts of its own to pick).
     generator.info.update(profile=config.model.profile, parts={"unet": "fake", "vae": "fake"})
     return generator

@@ -51,8 +51,8 @@ def test_json_image_to_image_returns_the_text_to_image_schema(tiny_app):
     assert set(body) == {"id", "averageImageGenerationTimeSeconds", "generationTimeSeconds",
                          "meta", "output", "gridUrl", "status"}
     assert body["meta"]["input"] == {
-        "batch": 1, "model": "embedded:tiny-sdxl", "number": 2, "prompt": "a watercolour",
-        "size": "512x512", "step": 4, "seed": 11, "strength": 0.5}
+        "batch": 1, "model": "embedded:tiny-sdxl", "modelId": "sdxl-turbo", "number": 2,
+        "prompt": "a watercolour", "size": "512x512", "step": 4, "seed": 11, "strength": 0.5}
     assert [o["url"].rsplit("/", 1)[1] for o in body["output"]] == ["0_0.png", "1_0.png"]
     image = Image.open(io.BytesIO(fetch(body["output"][0]["url"])))
     assert (image.format, image.size) == ("PNG", (512, 512))

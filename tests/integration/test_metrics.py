@@ -22,7 +22,12 @@ DEADLINE_S = 60
 
 @pytest.fixture(scope="module")
 def metrics_app(serve_url, tmp_path_factory):
-    with deployed_app(serve_url, APP, fake_args(tmp_path_factory.mktemp("metrics-images"))) as url:
+    # A second model and one model per replica: switching loads and evicts (the model
+    # metrics, test_model_loads_and_evictions_are_counted).
+    args = fake_args(tmp_path_factory.mktemp("metrics-images"))
+    args["models"] = [{"id": "other", "source": "fake"}]
+    args["replica"] = {**args["replica"], "max_models_per_replica": 1}
+    with deployed_app(serve_url, APP, args) as url:
         yield url
 
 
@@ -180,6 +185,40 @@ def test_a_call_whose_client_left_is_counted_as_dropped(metrics_app, metrics_url
         time.sleep(1)
     assert observed == expected
     assert batcher.stats.remote().result()["dropped"] == 1
+
+
+def test_model_loads_and_evictions_are_counted(metrics_app, metrics_url):
+    """Switching to the other model and back, one model per replica: each switch loads one
+    model and evicts the other; the calls wait per model in the batcher."""
+    for model in ("other", "sdxl-turbo"):
+        assert post(metrics_app, {"prompt": "m", "step": 1, "model": model}).status_code == 200
+    expected = {"loads default": 2.0, "loads other": 1.0, "evictions default": 1.0,
+                "evictions other": 1.0, "load times default": 2.0, "load times other": 1.0,
+                "waiting other": 0.0}
+    deadline = time.monotonic() + DEADLINE_S
+    observed: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        samples = scrape(metrics_url)
+        observed = {
+            "loads default": total(samples, "ray_sdxl_model_loads_total", application=APP,
+                                   model="sdxl-turbo"),
+            "loads other": total(samples, "ray_sdxl_model_loads_total", application=APP,
+                                 model="other"),
+            "evictions default": total(samples, "ray_sdxl_model_evictions_total",
+                                       application=APP, model="sdxl-turbo"),
+            "evictions other": total(samples, "ray_sdxl_model_evictions_total",
+                                     application=APP, model="other"),
+            "load times default": total(samples, "ray_sdxl_model_load_seconds_count",
+                                        application=APP, model="sdxl-turbo"),
+            "load times other": total(samples, "ray_sdxl_model_load_seconds_count",
+                                      application=APP, model="other"),
+            "waiting other": total(samples, "ray_sdxl_model_queue_depth", application=APP,
+                                   model="other", **{"class": "interactive"}),
+        }
+        if observed == expected:
+            break
+        time.sleep(1)
+    assert observed == expected
 
 
 def test_dashboard_names_and_labels_exist_on_the_live_endpoint(metrics_app, metrics_url):

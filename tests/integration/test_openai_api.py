@@ -37,10 +37,12 @@ def keyed_app(serve_url, tmp_path_factory):
 
 
 def test_models_list_names_the_served_model(tiny_app):
+    # Issue 23: listed by id (what `model=` takes); the source still names the model.
     models = client(tiny_app).models.list()
     assert [(m.id, m.object, m.owned_by) for m in models.data] == [
-        ("embedded:tiny-sdxl", "model", "sdxl-turbo-serve")]
-    assert client(tiny_app).models.retrieve("sdxl-turbo").id == "embedded:tiny-sdxl"
+        ("sdxl-turbo", "model", "sdxl-turbo-serve")]
+    assert client(tiny_app).models.retrieve("sdxl-turbo").id == "sdxl-turbo"
+    assert client(tiny_app).models.retrieve("embedded:tiny-sdxl").id == "sdxl-turbo"
     with pytest.raises(openai.NotFoundError):
         client(tiny_app).models.retrieve("dall-e-3")
 
@@ -107,4 +109,5 @@ def test_api_keys_as_the_sdk_sends_them(keyed_app):
     assert caught.value.body["code"] == "unauthorized"
     result = client(keyed_app, API_KEYS[0]).images.generate(prompt="x", extra_body={"step": 1})
     assert len(result.data) == 1
-    assert [m.id for m in client(keyed_app, API_KEYS[1]).models.list().data] == ["fake"]
+    assert [m.id for m in client(keyed_app, API_KEYS[1]).models.list().data] == [
+        "sdxl-turbo"]

@@ -276,3 +276,35 @@ def test_playground_shows_progress_and_a_preview_before_the_images(browser, slow
     # 4 steps at strength 0.75: 3 denoising steps
     assert browser.find_element(By.ID, "progress-text").text.startswith("step 3 / 3 · ")
     assert not browser.find_element(By.ID, "error").is_displayed()
+
+
+@pytest.fixture(scope="module")
+def two_model_app(serve_url, tmp_path_factory):
+    args = fake_args(tmp_path_factory.mktemp("models-page"))
+    args["models"] = [{"id": "tiny-b", "source": "fake"}]
+    with deployed_app(serve_url, "models-page", args) as url:
+        yield url
+
+
+def test_playground_picks_the_model_and_says_which_made_each_image(browser, two_model_app):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(two_model_app)
+    # The picker lists GET v1/models, the default chosen.
+    _wait(browser, lambda d: d.find_element(By.ID, "model-field").is_displayed(), "the picker")
+    picker = Select(browser.find_element(By.ID, "model"))
+    assert [o.text for o in picker.options] == ["sdxl-turbo (default)", "tiny-b"]
+    assert picker.first_selected_option.get_attribute("value") == "sdxl-turbo"
+    browser.find_element(By.ID, "prompt").send_keys("a harbour")
+    for model, done in (("tiny-b", 1), ("sdxl-turbo", 2)):
+        picker.select_by_value(model)
+        browser.find_element(By.ID, "submit").click()
+        _wait(browser, lambda d, n=done: len(d.find_elements(By.CSS_SELECTOR, "#history li"))
+              == n, f"the result of {model}")
+        _wait(browser, _loaded("document.querySelectorAll('img.result-image')[0]"), "the image")
+        assert f" · model {model} · id " in browser.find_element(By.ID, "summary").text
+        caption = browser.find_element(By.CSS_SELECTOR, "figcaption .latency").text
+        assert caption.split(" · ")[2] == model
+    assert [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#history li")] == [
+        "sdxl-turbo · a harbour", "tiny-b · a harbour"]

@@ -160,11 +160,15 @@ def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
                               "storeEncryption": "none", "storeTls": False,
                               "acceptedRisks": []},
               "profile": "quality"}
+
+    def models(backend: str) -> list[dict]:
+        return [{"id": "sdxl-turbo", "default": True, "source": "embedded", "loras": 0,
+                 "loaded": True, "backend": backend, "dtype": choice.name}]
     if caps.cpu_class in OPENVINO_MEASURED_FASTER:
         assert reason.startswith("auto: OpenVINO 20")
         assert reason.endswith(f" measured fastest on {caps.cpu_class} CPUs "
                                f"({OPENVINO_MEASURED_FASTER[caps.cpu_class]})")
-        assert body == {**common, "backend": "openvino",
+        assert body == {**common, "backend": "openvino", "models": models("openvino"),
                         "parts": {"unet": choice.name, "vae": "full"},
                         "dtypeReason": f"{choice.reason}; OpenVINO CPU "
                                        f"INFERENCE_PRECISION_HINT {choice.name}",
@@ -174,6 +178,7 @@ def test_ready_reports_backend_dtype_and_threads_equal_to_num_cpus(tiny_app):
     else:
         assert reason.startswith(f"auto: OpenVINO not measured on {caps.cpu_class} CPUs; ")
         assert body == {**common, "backend": "torch", "dtypeReason": choice.reason,
+                        "models": models("torch"),
                         "parts": {"unet": choice.name, "vae": "full"},
                         "optimizations": {"applied": ["fuse_attention",
                                                       "cross_attention_kv_cache",
