@@ -88,6 +88,12 @@ def load_fake_generator(config: Any) -> FakeGenerator:
     if loads_log:
         with open(loads_log, "a", encoding="utf-8") as log:
             log.write(f"{config.model.id}\n")
+    # Adapters are resolved as the real loader does (serve_app/model/lora.py), so a model
+    # whose adapter cannot be found fails its load here too instead of running without it.
+    from serve_app.model.lora import resolve_lora
+
+    for lora in config.model.loras:
+        resolve_lora(lora, config.model.cache_dir)
     generator = FakeGenerator(**options)
     # The profile as configured (the fake has no parts of its own to pick).
     generator.info.update(profile=config.model.profile, parts={"unet": "fake", "vae": "fake"})

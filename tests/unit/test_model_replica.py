@@ -29,7 +29,8 @@ def args(tmp_path, **replica):
         "models": [{"id": "b", "source": "fake", "memory_gib": 1.0},
                    {"id": "big", "source": "fake", "memory_gib": 2.0},
                    {"id": "c", "source": "fake", "memory_gib": 0.5},
-                   {"id": "styled", "source": "fake", "loras": [{"source": "x"}]}],
+                   {"id": "styled", "source": "fake",
+                    "loras": [{"source": str(tmp_path / "missing.safetensors")}]}],
         "replica": replica,
         "store": {"url": str(tmp_path / "store")}}).model_dump(mode="json")
 
@@ -88,7 +89,7 @@ def test_the_memory_budget_evicts_until_the_model_fits(tmp_path):
 
 @pytest.mark.parametrize("model, call_model, error", [
     ("b", "c", "model_mismatch"),  # a call of another model never runs on this one
-    ("styled", "styled", "model_unavailable"),  # adapters: refused until applied
+    ("styled", "styled", "model_unavailable"),  # its adapter's file is missing
 ])
 def test_a_batch_runs_only_on_its_own_loadable_model(tmp_path, model, call_model, error):
     steps = run_replica(args(tmp_path), [(model, call_model), ("sdxl-turbo", None)])
