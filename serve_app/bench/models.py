@@ -258,10 +258,19 @@ def serve_and_bench(config: str, timeout_s: float, **kwargs: Any) -> dict[str, A
     from serve_app.bench.startup import readyz_url
 
     url = readyz_url(config).removesuffix("/readyz")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", config],
+    # Ray's `serve` CLI run by this interpreter (not the `serve` script's shebang, which
+    # in a copied virtualenv can name another one), so the replicas import this checkout.
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
+                             "run", config],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     started = time.monotonic()
+
+    def stopped(signum: int, frame: Any) -> None:
+        raise SystemExit(f"signal {signum}")  # so that `finally` stops the session
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
         while True:
             if proc.poll() is not None or time.monotonic() - started > timeout_s:
