@@ -175,10 +175,10 @@ def check_url(url: str, *, allow_private: bool = False,
         for address in addresses:
             reason = blocked_reason(address)
             if reason is not None:
-                literal_host = str(address) == host.strip("[]")
-                shown = host if literal_host else f"{host} ({address})"
-                # Without the address: the IPv4 form's reason, not "(10.0.0.1 in IPv6 form)".
-                short = (f"{host} is {reason}" if literal_host else
+                shown = host if str(address) == host.strip("[]") else f"{host} ({address})"
+                # Without the address a name resolved to: the IPv4 form's reason for it, not
+                # "(10.0.0.1 in IPv6 form)". A numeric host is the client's own: said as is.
+                short = (f"{host} is {reason}" if literal is not None else
                          f"{host} resolves to {blocked_reason(_embedded_ipv4(address) or address)}")
                 raise BlockedDestination(
                     f"{shown} is {reason}; this service calls public addresses only",
@@ -287,9 +287,13 @@ def _check_hop(url: str, hop: int, allow_private: bool, hosts: list[str] | None,
                resolver: Resolver) -> Destination:
     """One URL of a fetch, the client's own (hop 0) or a redirect's target."""
     try:
-        if not host_allowed(urlsplit(url).hostname, hosts):
+        parts = urlsplit(url)
+        # Before check_url resolves it: a host off the list is not even looked up. (The
+        # scheme and a missing host are check_url's to refuse.)
+        if (parts.scheme.lower() in ("http", "https") and parts.hostname
+                and not host_allowed(parts.hostname, hosts)):
             raise BlockedDestination(
-                f"the host {urlsplit(url).hostname} is not one this service fetches from")
+                f"the host {parts.hostname} is not one this service fetches from")
         return check_url(url, allow_private=allow_private, resolver=resolver)
     except ValueError:  # urlsplit: an unbalanced "[" in the host
         raise BlockedDestination("the URL is malformed") from None
