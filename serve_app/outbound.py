@@ -249,7 +249,7 @@ def fetch(url: str, *, max_bytes: int, timeout_s: float, max_redirects: int,
 
     def expire() -> None:
         expired.set()
-        for conn in live:
+        for conn in list(live):  # a copy: the fetching thread may change the list
             if conn.sock is not None:
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)
