@@ -11,6 +11,8 @@ run fetches nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from serve_app.config import AppConfig
@@ -33,6 +35,11 @@ ImageRequestT = TypeVar("ImageRequestT", bound=Image2ImageRequest)
 # deadline cannot interrupt (the thread finishes on its own; the client is answered).
 RESOLVE_MARGIN_S = 2.0
 ACCEPT = "image/png, image/jpeg"
+# Fetches run in threads of their own: slow image hosts (each up to timeout_s) then never
+# hold the default executor's threads, which the store's reads and writes need. Past this
+# many at once they wait their turn, within their time limit.
+FETCH_THREADS = 16
+_executor = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="image-url")
 
 
 async def fetch_input_image(request: ImageRequestT, config: AppConfig, *,
@@ -45,12 +52,12 @@ async def fetch_input_image(request: ImageRequestT, config: AppConfig, *,
         return request
     cfg, limits = config.ingress.image_url, config.limits
     try:
-        data = await asyncio.wait_for(
-            asyncio.to_thread(fetch, url, max_bytes=limits.max_input_image_bytes,
-                              timeout_s=cfg.timeout_s, max_redirects=cfg.max_redirects,
-                              allow_private=cfg.allow_private, hosts=cfg.hosts,
-                              resolver=resolver, connector=connector, accept=ACCEPT),
-            cfg.timeout_s + RESOLVE_MARGIN_S)
+        get = functools.partial(fetch, url, max_bytes=limits.max_input_image_bytes,
+                                timeout_s=cfg.timeout_s, max_redirects=cfg.max_redirects,
+                                allow_private=cfg.allow_private, hosts=cfg.hosts,
+                                resolver=resolver, connector=connector, accept=ACCEPT)
+        data = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_executor, get),
+                                      cfg.timeout_s + RESOLVE_MARGIN_S)
     except BlockedDestination as err:
         # The short reason: an internal name's internal address stays unsaid.
         raise ImageUrlRefused(f"imageUrl cannot be fetched: {err.short_reason}",
