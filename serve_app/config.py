@@ -63,6 +63,17 @@ def _is_ipv6(text: str) -> bool:
         return False
 
 
+def check_host_patterns(hosts: list[str] | None, key: str) -> list[str] | None:
+    """A host allow-list (serve_app.outbound.host_allowed): host names, IPs, '*.domain'."""
+    for host in hosts or []:
+        pattern = host[2:] if host.startswith("*.") else host.strip("[]")
+        has_port = ":" in pattern and not _is_ipv6(pattern)
+        if not pattern or has_port or any(c in pattern for c in "/*@ "):
+            raise ValueError(f"{key}: {host!r} is not a host name, an IP, "
+                             "or '*.domain' (no scheme, port or path)")
+    return hosts
+
+
 def default_store_dir(app_name: str) -> str:
     """`<tmp>/sdxl-turbo-serve-<uid>/<app_name>`: per user (a directory another user made in
     /tmp is not writable) and per application."""
@@ -350,6 +361,29 @@ class ReplicaConfig(StrictModel):
     models_memory_gib: float | None = Field(default=None, gt=0)
 
 
+class ImageUrlConfig(StrictModel):
+    """Image-to-image inputs given as `imageUrl`: the ingress fetches them through the same
+    outbound guard as job callbacks (serve_app/outbound.py), within
+    limits.max_input_image_bytes."""
+
+    # The whole fetch, redirects included; past it the request gets 422 image_url_failed.
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Redirects followed, each target checked again (scheme, host, addresses).
+    max_redirects: int = Field(default=3, ge=0, le=10)
+    # Hosts an imageUrl (and its redirects) may name: as jobs.callback_hosts. null: any host
+    # that resolves to public addresses only; []: none (imageUrl turned off).
+    hosts: list[str] | None = None
+    # As jobs.callback_allow_private: true lets fetches reach loopback, private, link-local,
+    # carrier-grade NAT (metadata) addresses; then any client can make the ingress GET
+    # from your network, so pair it with `hosts`.
+    allow_private: bool = False
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_names(cls, hosts: list[str] | None) -> list[str] | None:
+        return check_host_patterns(hosts, "ingress.image_url.hosts")
+
+
 class IngressConfig(StrictModel):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
@@ -363,6 +397,7 @@ class IngressConfig(StrictModel):
     # A request that takes longer gets 504, never a hang.
     request_timeout_s: float = Field(default=300.0, gt=0)
     retry_after_s: int = Field(default=5, ge=1)
+    image_url: ImageUrlConfig = Field(default_factory=ImageUrlConfig)
 
 
 class BatcherConfig(StrictModel):
@@ -501,13 +536,7 @@ class JobsConfig(StrictModel):
     @field_validator("callback_hosts")
     @classmethod
     def _hosts_are_names(cls, hosts: list[str] | None) -> list[str] | None:
-        for host in hosts or []:
-            pattern = host[2:] if host.startswith("*.") else host.strip("[]")
-            has_port = ":" in pattern and not _is_ipv6(pattern)
-            if not pattern or has_port or any(c in pattern for c in "/*@ "):
-                raise ValueError(f"callback_hosts: {host!r} is not a host name, an IP, "
-                                 "or '*.domain' (no scheme, port or path)")
-        return hosts
+        return check_host_patterns(hosts, "callback_hosts")
 
 
 class SecurityConfig(StrictModel):

@@ -57,6 +57,22 @@ class UnknownModel(InvalidRequest):
     code = "unknown_model"
 
 
+class ImageUrlRefused(InvalidRequest):
+    """An `imageUrl` this service may not fetch: not http(s), a host outside
+    ingress.image_url.hosts, an address inside the service's network, or a redirect to
+    any of these or one too many. Sending it again changes nothing."""
+
+    code = "image_url_refused"
+
+
+class ImageUrlFailed(InvalidRequest):
+    """An allowed `imageUrl` that gave no image: no connection, an HTTP error status, a
+    body cut short, or not all of it within ingress.image_url.timeout_s. The client's
+    input, not this service's fault (so 422, not 502/504)."""
+
+    code = "image_url_failed"
+
+
 class NotSupported(ServiceError):
     """A feature the serving backend lacks (image-to-image on OpenVINO)."""
 

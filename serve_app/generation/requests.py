@@ -57,11 +57,19 @@ def validate_fields(data: Mapping[str, Any], model: type[ModelT]) -> ModelT:
 
 
 def check_image_request(request: Image2ImageRequest, limits: LimitsConfig) -> None:
+    """The image request's own rules; an `imageUrl` is fetched and its image checked after
+    this (serve_app/ingress/image_url.py), so a request that fails here costs no fetch."""
+    if request.image is not None and request.imageUrl is not None:
+        raise InvalidRequest("send the input image as image or as imageUrl, not both",
+                             field="imageUrl")
+    if request.image is None and request.imageUrl is None:
+        raise InvalidImage("an input image is required: image (or imageUrl)", field="image")
     # SDXL-Turbo's rule: below 1 diffusers still runs one step, from a later point of
     # the schedule than the strength asks for, so the request would not mean what it says.
     if request.step * request.strength < 1:
         raise InvalidRequest("step x strength must be at least 1", field="strength")
-    check_input_image(request.image, limits)
+    if request.image is not None:
+        check_input_image(request.image, limits)
 
 
 def check_limits(request: Text2ImageRequest, config: AppConfig) -> None:
@@ -98,6 +106,9 @@ def plan_calls(request: Text2ImageRequest, seed: int, progress_key: str | None =
     resolved model id the calls run on."""
     width, height = parse_size(request.size)
     image = request.image if isinstance(request, Image2ImageRequest) else None
+    if isinstance(request, Image2ImageRequest) and image is None:
+        # An imageUrl not fetched yet: without this the calls would run as text to image.
+        raise InvalidImage("an input image is required: image (or imageUrl)", field="image")
     strength = request.strength if isinstance(request, Image2ImageRequest) else 1.0
     return [
         GenerationItem(prompt=request.prompt, width=width, height=height, steps=request.step,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, field_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 MAX_SEED = 2**63 - 1
+# Longer URLs are refused as a field error, before anything is fetched (browsers and most
+# servers stop near 8 KB; presigned object-store URLs run to about 2 KB).
+MAX_IMAGE_URL_CHARS = 8192
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
@@ -79,10 +82,19 @@ class Image2ImageRequest(Text2ImageRequest):
     """The text-to-image fields plus an input image and how strongly to change it."""
 
     body_format: ClassVar[BodyFormat] = BodyFormat(multipart=True, image=True)
-    image: Base64Bytes = Field(
+    # Exactly one of image and imageUrl (serve_app.generation.requests.check_image_request);
+    # documented as the string it is when given.
+    image: Annotated[Base64Bytes | None, WithJsonSchema({"type": "string",
+                                                         "format": "base64"})] = Field(
+        default=None,
         description="The input image, PNG or JPEG, base64-encoded (a `data:image/...;base64,` "
                     "prefix is allowed). Multipart requests send it as a file part instead. "
-                    "Fitted to `size` (scaled to cover it, centre-cropped).")
+                    "Fitted to `size` (scaled to cover it, centre-cropped). Or `imageUrl`.")
+    imageUrl: str | None = Field(
+        default=None, max_length=MAX_IMAGE_URL_CHARS,
+        description="Instead of `image`: an http(s) URL the service fetches the input image "
+                    "from (public addresses only, a few redirects, within a size and a time "
+                    "limit), then checks as an uploaded one.")
     strength: float = Field(
         default=0.5, gt=0.0, le=1.0,
         description="How much of the input is replaced: 1.0 keeps nothing of it. About "
@@ -228,13 +240,15 @@ class ReadyResponse(BaseModel):
 ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "`unauthorized`: API keys are on and the bearer token is missing or wrong.",
     404: "`not_found`: unknown id or file, or a path that tries to leave the store.",
-    413: "`payload_too_large`: the body is over 64 KiB (image-to-image: the image is over "
-         "`limits.max_input_image_bytes`).",
+    413: "`payload_too_large`: the body is over 64 KiB (image-to-image: the image, sent or "
+         "fetched from `imageUrl`, is over `limits.max_input_image_bytes`).",
     422: "`invalid_request`: a field is missing, mistyped or out of range (`field` names "
          "it), or the body is not UTF-8 JSON (`field: body`); `invalid_image`: the input "
          "image is not a PNG or JPEG, its sides are outside the limits, or it does not "
-         "decode (`field: image`); `unknown_model`: `model` names no served model (the "
-         "message lists the valid ids).",
+         "decode (`field: image`, or `imageUrl` for a fetched one); `image_url_refused`: "
+         "`imageUrl` may not be fetched (scheme, host, an internal address, redirects); "
+         "`image_url_failed`: it gave no image (no connection, an HTTP error, too slow); "
+         "`unknown_model`: `model` names no served model (the message lists the valid ids).",
     501: "`not_supported`: the model's generator cannot do this (image-to-image with a "
          "custom `model.generator` that does not implement it; every shipped backend does).",
     500: "`generation_failed`: the pipeline failed; `requestId` finds it in the logs. "

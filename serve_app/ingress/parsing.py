@@ -15,7 +15,8 @@ from starlette.requests import Request
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.errors import InvalidRequest, PayloadTooLarge
 from serve_app.generation.requests import ModelT, validate_fields, validate_request
-from serve_app.generation.schemas import JSON_BODY, Text2ImageRequest
+from serve_app.generation.schemas import JSON_BODY, Image2ImageRequest, Text2ImageRequest
+from serve_app.ingress.image_url import fetch_input_image
 
 MAX_BODY_BYTES = 64 * 1024
 # Multipart text fields that are numbers on the JSON side (a form sends only strings).
@@ -47,8 +48,9 @@ async def read_request(request: Request, model: type[ModelT] | tuple[type[ModelT
     service's requests with the configured limits, others field by field).
 
     Several models: the body is read as the one that carries an image when it has an
-    `image` field, else the one that does not (an async job: text- or image-to-image);
-    without an image the 64 KiB limit holds."""
+    `image` or `imageUrl` field, else the one that does not (an async job: text- or
+    image-to-image); without an image the 64 KiB limit holds. An `imageUrl` is fetched
+    here, once the rest is valid (serve_app/ingress/image_url.py)."""
     variants = model if isinstance(model, tuple) else (model,)
     formats = [getattr(v, "body_format", JSON_BODY) for v in variants]
     limits = config.limits
@@ -66,13 +68,18 @@ async def read_request(request: Request, model: type[ModelT] | tuple[type[ModelT
         data = load_json_object(raw)
     chosen, chosen_format = variants[0], formats[0]
     if len(variants) > 1:
+        has_image = "image" in data or "imageUrl" in data
         chosen, chosen_format = next(
-            ((v, f) for v, f in zip(variants, formats) if f.image == ("image" in data)),
+            ((v, f) for v, f in zip(variants, formats) if f.image == has_image),
             (chosen, chosen_format))
     if not chosen_format.image and len(raw) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes", field="body")
     if issubclass(chosen, Text2ImageRequest):
-        return validate_request(data, config, chosen)
+        validated = validate_request(data, config, chosen)
+        if isinstance(validated, Image2ImageRequest):
+            # Every other field is valid by now: a bad request costs no fetch.
+            return await fetch_input_image(validated, config)
+        return validated
     return validate_fields(data, chosen)
 
 

@@ -20,6 +20,7 @@ from serve_app.outbound import (
     Connector,
     Resolver,
     check_url,
+    host_allowed,
     open_connection,
     system_resolver,
 )
@@ -93,22 +94,8 @@ def lost_record(job_id: str) -> JobRecord:
                                               "run again; submit it again"})
 
 
-def callback_host_allowed(host: str | None, allowed: list[str] | None) -> bool:
-    """`allowed` None: any host. Otherwise exact names/IPs, or "*.example.com" for its
-    subdomains (not example.com itself). Case-insensitive."""
-    if allowed is None:
-        return True
-    if not host:
-        return False
-    host = host.lower().rstrip(".").strip("[]")
-    for entry in allowed:
-        entry = entry.lower().rstrip(".").strip("[]")
-        if entry.startswith("*."):
-            if host.endswith(entry[1:]) and host != entry[2:]:
-                return True
-        elif host == entry:
-            return True
-    return False
+# Callbacks and image URLs (ingress.image_url.hosts) match hosts by one rule.
+callback_host_allowed = host_allowed
 
 
 def post_callback(url: str, payload: dict[str, Any], attempts: int, backoff_s: float, *,

@@ -167,7 +167,9 @@ def fake_args(store_dir, **overrides) -> dict:
         "model": {"source": "fake", "generator": "serve_app.testing:load_fake_generator",
                   "warmup_sizes": []},
         "replica": {"num_cpus": 1},
-        "ingress": {"num_cpus": 0.1},
+        # No imageUrl fetches (the schema-driven fuzzing would make up hosts and public
+        # addresses); the tests that fetch allow their loopback image server.
+        "ingress": {"num_cpus": 0.1, "image_url": {"hosts": []}},
         "store": {"url": str(store_dir)},
     }
     for key, value in overrides.items():

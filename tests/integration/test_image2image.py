@@ -5,13 +5,17 @@ keeps serving."""
 import base64
 import io
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
-from tests.integration.conftest import post, wait_done
+from tests.integration.conftest import fake_args, post, wait_done
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:
@@ -131,3 +135,77 @@ def test_an_image_to_image_job(tiny_app):
     bad = httpx.post(f"{tiny_app}/api/jobs", json={**body, "image": base64.b64encode(
         png(1, 1)).decode()}, timeout=60)
     assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid_image")
+
+
+@pytest.fixture
+def image_host() -> Iterator[tuple[str, list[str], dict[str, bytes]]]:
+    """A loopback image server: (its URL, the paths asked for, path -> PNG); /hop
+    redirects to /a.png."""
+    images = {"/a.png": png(200, 120, seed=21), "/b.png": png(200, 120, seed=22)}
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", "/a.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = images.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits, images
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_url_through_serve_gives_the_bytes_of_the_image_inline(deployed, tmp_path,
+                                                                     image_host):
+    """Real Ray Serve, the fake generator (its output blends the input image the model
+    replica decoded): an imageUrl, fetched by the ingress replica from a loopback server
+    (the private-address opt-in set for it), gives the same PNG as the same image inline,
+    directly, through a redirect, and as an async job; the guard still refuses what it
+    must, with JSON errors naming imageUrl."""
+    host, hits, images = image_host
+    url = deployed("image-url", fake_args(tmp_path, ingress={"image_url": {
+        "allow_private": True, "hosts": ["127.0.0.1"]}}))
+    fields = {"prompt": "a watercolour", "strength": 0.5, "step": 2, "seed": 13}
+
+    def output(body: dict) -> bytes:
+        response = httpx.post(f"{url}/api/image2image", json={**fields, **body}, timeout=60)
+        assert response.status_code == 200, response.text
+        return fetch(response.json()["output"][0]["url"])
+
+    inline = output({"image": base64.b64encode(images["/a.png"]).decode()})
+    assert output({"imageUrl": f"{host}/a.png"}) == inline
+    assert output({"imageUrl": f"{host}/hop"}) == inline
+    assert output({"imageUrl": f"{host}/b.png"}) != inline  # the input matters
+    assert hits == ["/a.png", "/hop", "/a.png", "/b.png"]
+    job = httpx.post(f"{url}/api/jobs", json={**fields, "imageUrl": f"{host}/a.png"},
+                     timeout=60)
+    assert job.status_code == 202, job.text
+    record = wait_done(job.json()["statusUrl"], timeout_s=60)
+    assert record["status"] == "succeeded", record
+    assert record["request"]["imageUrl"] is None
+    assert fetch(record["result"]["output"][0]["url"]) == inline
+    assert len(hits) == 5  # fetched once, at submission
+    for body, status, code in [
+            ({"imageUrl": "file:///etc/passwd"}, 422, "image_url_refused"),
+            ({"imageUrl": "http://localhost:9/a.png"}, 422, "image_url_refused"),
+            ({"imageUrl": f"{host}/missing.png"}, 422, "image_url_failed"),
+            ({"imageUrl": f"{host}/a.png", "image": "AAAA"}, 422, "invalid_request")]:
+        response = httpx.post(f"{url}/api/image2image", json={**fields, **body}, timeout=60)
+        error = response.json()["error"]
+        assert (response.status_code, error["code"], error["field"]) == (status, code,
+                                                                         "imageUrl")
+    assert hits == ["/a.png", "/hop", "/a.png", "/b.png", "/a.png", "/missing.png"]
