@@ -124,7 +124,11 @@ class DiffusersGenerator:
         for size in sizes:
             width, height = parse_size(size)
             start = time.perf_counter()
-            self.generate([GenerationItem("warm-up", width, height, steps=2, seed=0)])
+            # One step: the first call at a size pays its one-off costs (OpenVINO's
+            # primitives for the shape, allocations) in the text encoders, the UNet and the
+            # VAE decode alike; a second step repeats the UNet's cost and warms nothing more
+            # (a full-size float32 UNet step: about 10 s on 2 vCPUs, BENCHMARKS.md).
+            self.generate([GenerationItem("warm-up", width, height, steps=1, seed=0)])
             logger.info("warm-up %s: %.2fs", size, time.perf_counter() - start)
 
 

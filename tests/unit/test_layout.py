@@ -248,3 +248,22 @@ def test_building_the_app_loads_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+# What a replica of each deployment imports when Ray builds it (the module of its class, in
+# a worker process of its own), and the controller's autoscaling policies. None may pull in
+# the model's libraries: seconds of CPU each at every start, on the quick start's critical
+# path (BENCHMARKS.md, "Quick start").
+REPLICA_MODULES = ("serve_app.ingress.deployment", "serve_app.batching.deployment",
+                   "serve_app.jobs.consumer", "serve_app.jobs.broker",
+                   "serve_app.batching.autoscaling", "serve_app.model.deployment")
+MODEL_LIBRARIES = HEAVY + ("openvino", "nncf", "huggingface_hub", "optimum")
+
+
+@pytest.mark.parametrize("module", REPLICA_MODULES)
+def test_a_replica_module_imports_no_model_library(module):
+    code = (f"import sys, {module}\n"
+            f"print(sorted(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
