@@ -7,9 +7,14 @@ runs them all. tests/unit/test_markers.py checks that each test has exactly one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests send traffic to loopback only: Ray reports usage statistics to a public endpoint
+# unless this is 0 (every Ray the tests start, `serve run` subprocesses included, inherits it).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 TESTS = Path(__file__).resolve().parent
 FOLDER_MARKERS = ("unit", "integration", "kuberay", "optimize", "cluster")

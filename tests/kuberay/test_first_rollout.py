@@ -260,6 +260,15 @@ def test_every_ray_container_calculates_checksums_only_when_required(name: str) 
         assert env["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_required"
 
 
+@pytest.mark.parametrize("name", ("base",) + OVERLAYS)
+def test_no_ray_container_reports_usage_statistics(name: str) -> None:
+    """Ray sends usage statistics to a public endpoint unless told not to: nothing leaves
+    the cluster (in confidential mode not even metadata)."""
+    service = rayservice(name)
+    for container in containers(service):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RAY_USAGE_STATS_ENABLED"] == "0", container["name"]
+
 # --- 8. exposure, network policy, disk, placement, FUSE health ------------------------------
 
 def test_public_exposure_is_the_rayservice_serve_service() -> None:
