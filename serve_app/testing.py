@@ -5,6 +5,7 @@ It lives in the package (not tests/) so Ray replicas can import it by path.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -88,12 +89,13 @@ def load_fake_generator(config: Any) -> FakeGenerator:
     if loads_log:
         with open(loads_log, "a", encoding="utf-8") as log:
             log.write(f"{config.model.id}\n")
-    # Adapters are resolved as the real loader does (serve_app/model/lora.py), so a model
-    # whose adapter cannot be found fails its load here too instead of running without it.
-    from serve_app.model.lora import resolve_lora
-
+    # A model whose adapter file is missing fails its load, as with the real loader
+    # (serve_app/model/lora.py, which this module may not import), instead of running
+    # without it.
     for lora in config.model.loras:
-        resolve_lora(lora, config.model.cache_dir)
+        path = os.path.expanduser(lora.source)
+        if lora.source.startswith(("/", "./", "../", "~")) and not os.path.exists(path):
+            raise FileNotFoundError(f"LoRA source {lora.source!r}: no such file or directory")
     generator = FakeGenerator(**options)
     # The profile as configured (the fake has no parts of its own to pick).
     generator.info.update(profile=config.model.profile, parts={"unet": "fake", "vae": "fake"})

@@ -276,11 +276,13 @@ def serve_and_bench(config: str, timeout_s: float, **kwargs: Any) -> dict[str, A
             if proc.poll() is not None or time.monotonic() - started > timeout_s:
                 raise SystemExit(f"serve run {config}: not ready in {timeout_s:g} s")
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                # 10 s, as tests/integration's ready_within: on a loaded host the first
+                # answers took over a second (a 1 s poll never saw one).
+                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.5)
         result = bench_serve(url, **kwargs)
         result["readyz"] = httpx.get(f"{url}/readyz", timeout=5).json().get("models")
         return result
