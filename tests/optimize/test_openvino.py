@@ -375,7 +375,8 @@ def test_image_to_image_on_openvino_matches_torch_eager_in_float32(first_start, 
     assert np.array_equal(flat(generator.generate(items, init_images=inputs)), got)
 
 
-def test_float32_ir_of_16bit_weights_keeps_them_16bit_and_matches_torch(model_dir, tmp_path):
+def test_float32_ir_of_16bit_weights_keeps_them_16bit_and_matches_torch(first_start, model_dir,
+                                                                        tmp_path):
     """A model whose UNet is stored in bfloat16 (as the full-size one on the volume): the
     float32 IR keeps its linear weights bf16 (half the export's memory) and still computes
     in f32: images equal torch eager float32 of the same weights."""
