@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="times the whole backend sequence runs (default: %(default)s)")
     side.add_argument("--cache-dir", default=None, help="OpenVINO IR cache (default: a temp dir)")
     side.add_argument("--work-dir", default=None, help="images for the diffs (default: temp)")
+    side.add_argument("--summarize", action="store_true",
+                      help="run nothing: the table of the results earlier --backends runs "
+                           "left in --work-dir (the first label is the reference)")
     load = parser.add_argument_group("HTTP load mode (no Ray started: it targets a URL)")
     load.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8000")
     load.add_argument("-n", "--requests", type=int, default=50)
@@ -229,6 +232,22 @@ def run_backends_mode(args: argparse.Namespace) -> dict[str, Any]:
         labels, cases = parse_backends(args.backends), parse_cases(args.cases)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
+    if args.summarize:
+        if not args.work_dir:
+            raise SystemExit("--summarize reads the results of earlier runs: pass --work-dir")
+        from serve_app.bench.backends import summarize_saved
+
+        config = {"model": args.model, "dtype": args.dtype, "steps": args.step,
+                  "threads": args.threads or len(os.sched_getaffinity(0)),
+                  "repeat": args.repeat, "seed": args.seed, "cases": args.cases}
+        try:
+            result = summarize_saved(labels=labels, cases=cases, work_dir=args.work_dir,
+                                     config=config)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
+        result["command"] = " ".join(["sdxl-turbo-bench", *sys.argv[1:]])
+        print(format_table(result))
+        return result
     result = run_backends(
         labels=labels, cases=cases, model=args.model, dtype=args.dtype,
         threads=args.threads or len(os.sched_getaffinity(0)), rounds=args.rounds,

@@ -287,3 +287,36 @@ def test_backends_fast_rows_on_tiny_model(tiny_model_dir, tmp_path):
         # One step runs one UNet call, two steps two: the per-case steps were used.
         runs = data["rounds"][label][0]["cases"]
         assert [runs[name]["runs"][0]["unet_calls"] for name in entry["cases"]] == [1, 2]
+
+
+def test_backends_run_one_at_a_time_then_summarized(tiny_model_dir, tmp_path, capsys):
+    """Each backend as its own command in one work dir (a shared machine's lock held for
+    one backend at a time), then `--summarize` builds the table from the saved results
+    against the first label, without running anything."""
+    pytest.importorskip("openvino")
+    common = ["--model", str(tiny_model_dir), "--cases", "128x128:1,128x128:2",
+              "--repeat", "1", "--threads", "2", "--dtype", "float32",
+              "--cache-dir", str(tmp_path / "ir"), "--work-dir", str(tmp_path / "work")]
+    with pytest.raises(SystemExit, match="no results for torch-eager, openvino"):
+        main(["--backends", "torch-eager,openvino", "--summarize", *common])
+    assert main(["--backends", "torch-eager", *common]) == 0
+    assert main(["--backends", "openvino", *common]) == 0
+    assert main(["--backends", "torch-eager", *common]) == 0
+    capsys.readouterr()
+    out = tmp_path / "summary.json"
+    assert main(["--backends", "torch-eager,openvino", "--summarize", *common,
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [len(data["rounds"][label]) for label in ("torch-eager", "openvino")] == [2, 1]
+    eager, ov = data["backends"]["torch-eager"], data["backends"]["openvino"]
+    assert eager["backend"] == "torch" and ov["backend"] == "openvino"
+    for name in ("128x128 b1 s1", "128x128 b1 s2"):
+        assert eager["cases"][name]["calls"] == 2 and ov["cases"][name]["calls"] == 1
+        assert eager["cases"][name]["image_diff_vs_reference"]["max_abs"] == 0
+        diff = ov["cases"][name]["image_diff_vs_reference"]
+        assert diff["mean_abs"] <= 0.01 and diff["max_abs"] <= 2  # float32 OV = torch
+        assert ov["cases"][name]["speedup_vs_reference"] == pytest.approx(
+            eager["cases"][name]["total_s"] / ov["cases"][name]["total_s"])
+    assert "| openvino | float32 | 128x128 b1 s2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="pass --work-dir"):
+        main(["--backends", "torch-eager", "--summarize", "--model", str(tiny_model_dir)])

@@ -373,3 +373,52 @@ def test_image_to_image_on_openvino_matches_torch_eager_in_float32(first_start, 
     d = diff(got, want)
     assert d.mean() <= F32_MEAN and d.max() <= F32_MAX, (d.mean(), d.max())
     assert np.array_equal(flat(generator.generate(items, init_images=inputs)), got)
+
+
+def test_float32_ir_of_16bit_weights_keeps_them_16bit_and_matches_torch(first_start, model_dir,
+                                                                        tmp_path):
+    """A model whose UNet is stored in bfloat16 (as the full-size one on the volume): the
+    float32 IR keeps its linear weights bf16 (half the export's memory) and still computes
+    in f32: images equal torch eager float32 of the same weights."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        pytest.skip("ONEDNN_MAX_CPU_ISA also caps OpenVINO's oneDNN, which picks its "
+                    "compressed-weight FullyConnected kernels by the real CPU")
+    import shutil
+
+    import openvino as ov
+    from diffusers import UNet2DConditionModel
+
+    source = tmp_path / "bf16-unet"
+    shutil.copytree(model_dir, source, ignore=shutil.ignore_patterns("openvino"))
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet",
+                                                dtype=torch.bfloat16)
+    shutil.rmtree(source / "unet")
+    unet.save_pretrained(source / "unet")
+    assert export_module.stored_16bit_dtype(str(source), "unet") == "bfloat16"
+    assert export_module.stored_16bit_dtype(str(model_dir), "unet") is None
+
+    config = AppConfig.model_validate({
+        "model": {"source": str(source), "backend": "openvino", "dtype": "float32",
+                  "warmup_sizes": [], "openvino": {"cache_dir": str(tmp_path / "ir")}},
+        "replica": {"num_cpus": 2}, "limits": {"allowed_sizes": ["128x128"]}})
+    generator = load_openvino_generator(config)
+    entry = Path(generator.info["openvino"]["ir"])
+    assert entry.name.startswith("float32-dtype-")
+    assert generator.info["dtype"] == "float32"
+    constants = {str(op.get_element_type()) for op in
+                 ov.Core().read_model(str(entry / "unet.xml")).get_ops()
+                 if op.get_type_name() == "Constant"}
+    assert "<Type: 'bfloat16'>" in constants
+    # The other networks were stored in float32: nothing 16-bit in their IR.
+    assert "<Type: 'bfloat16'>" not in {
+        str(op.get_element_type()) for op in
+        ov.Core().read_model(str(entry / "vae_decoder.xml")).get_ops()}
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    torch_images = DiffusersGenerator(pipe, device="cpu", dtype=torch.float32,
+                                      info={}).generate(SMALL)
+    d = diff(flat(generator.generate(SMALL)), flat(torch_images))
+    assert d.mean() <= F32_MEAN and d.max() <= F32_MAX, (d.mean(), d.max())

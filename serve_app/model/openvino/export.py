@@ -10,7 +10,9 @@ the system when the child exits; the replica itself never holds the torch weight
 
 The IR keeps the dtype's weights: f32 for float32; for bfloat16 the weights are stored as
 f16 (`compress_to_fp16`, half the disk; the CPU plugin converts them to its inference
-precision, bf16 there, at compile time).
+precision, bf16 there, at compile time). One exception: for float32, a UNet stored in one
+16-bit type keeps its linear weights in that type (the same values; the plugin computes in
+f32), since its float32 export does not fit a 24 GB host at full size.
 """
 
 from __future__ import annotations
@@ -87,13 +89,46 @@ def _convert_text_encoder(model_dir: str, name: str) -> tuple[Any, dict[str, Any
     return model, config
 
 
-def _convert_unet(model_dir: str) -> tuple[Any, dict[str, Any]]:
+SAFETENSORS_16BIT = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_16bit_dtype(model_dir: str, subfolder: str) -> str | None:
+    """'bfloat16' or 'float16' when every floating-point tensor in the component's
+    safetensors files is stored in that one 16-bit type, else None. Reads the files'
+    headers only (8 bytes of length, then JSON)."""
+    files = sorted((Path(model_dir) / subfolder).glob("*.safetensors"))
+    kinds: set[str] = set()
+    for path in files:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        kinds |= {entry["dtype"] for name, entry in header.items()
+                  if name != "__metadata__" and entry["dtype"].startswith(("F", "BF"))}
+    if len(kinds) == 1 and next(iter(kinds)) in SAFETENSORS_16BIT:
+        return SAFETENSORS_16BIT[next(iter(kinds))]
+    return None
+
+
+def _convert_unet(model_dir: str, keep_16bit: bool = False) -> tuple[Any, dict[str, Any]]:
+    """keep_16bit: where the UNet's weights are stored in one 16-bit type, load them in it
+    and keep its linear layers' weights 16-bit in the IR (OpenVINO's own 16-bit tracing:
+    the weights are the same values, decompressed to f32 by the CPU plugin). Loading the
+    full-size UNet in float32 and saving f32 weights passed 21.9 GB of RSS on a 24 GB host
+    (BENCHMARKS.md); in its stored type it is half the weights to hold."""
     import openvino as ov
     import torch
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet",
-                                                dtype=torch.float32).eval()
+    stored = stored_16bit_dtype(model_dir, "unet") if keep_16bit else None
+    unet = UNet2DConditionModel.from_pretrained(
+        model_dir, subfolder="unet",
+        dtype=getattr(torch, stored) if stored else torch.float32).eval()
+    if stored:
+        # Linear (and embedding) modules keep their 16-bit weights as graph constants; every
+        # other parameter is cast to float32, so activations stay f32.
+        from openvino.frontend.pytorch.patch_model import __make_16bit_traceable
+
+        __make_16bit_traceable(unet)
     cfg = unet.config
     if cfg.time_cond_proj_dim is not None:
         raise ValueError("OpenVINO export: UNets with time_cond_proj_dim (LCM guidance "
@@ -249,7 +284,14 @@ def export_ir(spec: ExportSpec, target: Path, material: dict[str, Any] | None = 
                 # constants. The one that matters (the UNet's up-sampling branch on latent
                 # sizes) is covered by runtime.check_sizes.
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                model, configs[name] = CONVERTERS[name](spec.model_dir)
+                if name == "unet":
+                    # float32 with the dtype's weights: 16-bit stored weights stay 16-bit
+                    # (int8 compression and the bfloat16 IR's f16 storage start from f32).
+                    model, configs[name] = _convert_unet(
+                        spec.model_dir,
+                        keep_16bit=spec.dtype == "float32" and spec.weights is None)
+                else:
+                    model, configs[name] = CONVERTERS[name](spec.model_dir)
             gc.collect()  # the torch module is gone with the converter's frame
             if spec.weights == "int8":
                 import nncf
