@@ -255,7 +255,7 @@ def serve_and_bench(config: str, timeout_s: float, **kwargs: Any) -> dict[str, A
 
     import httpx
 
-    from serve_app.bench.startup import readyz_url
+    from serve_app.bench.startup import readyz_url, stop_session
 
     url = readyz_url(config).removesuffix("/readyz")
     # Ray's `serve` CLI run by this interpreter (not the `serve` script's shebang, which
@@ -287,12 +287,7 @@ def serve_and_bench(config: str, timeout_s: float, **kwargs: Any) -> dict[str, A
         result["readyz"] = httpx.get(f"{url}/readyz", timeout=5).json().get("models")
         return result
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_session(proc)
 
 
 def main(argv: list[str] | None = None) -> None:

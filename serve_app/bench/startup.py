@@ -34,6 +34,17 @@ MARKS = {
 }
 
 
+def stop_session(proc: subprocess.Popen[Any]) -> None:
+    """Stops a `serve run` started in its own session: SIGINT to the whole group (Serve
+    shuts the application and its Ray down), SIGKILL after 60 s."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def readyz_url(config_path: str) -> str:
     config = yaml.safe_load(Path(config_path).read_text())
     http = config.get("http_options") or {}
@@ -123,12 +134,7 @@ def one_run(config: str, timeout_s: float, log: Path | None = None) -> dict[str,
     finally:
         # Also when this process is stopped (SIGTERM is turned into SystemExit in main):
         # the `serve run` session and the Ray it started go with it.
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_session(proc)
     reader.join(timeout=5)
     if log is not None:
         log.write_text("".join(lines))

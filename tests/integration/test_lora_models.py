@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import deployed_app, post, ready_within
+from tests.integration.test_models import png_of
 
 BODY = {"prompt": "a red boat", "seed": 42, "step": 2, "size": "512x512"}
 
@@ -23,10 +24,6 @@ def lora_app(serve_url, tmp_path_factory):
             "store": {"url": str(tmp / "store")}}) as url:
         yield url
 
-
-def png_of(response: httpx.Response) -> bytes:
-    assert response.status_code == 200, response.text
-    return httpx.get(response.json()["output"][0]["url"], timeout=30).content
 
 
 def test_a_lora_model_changes_the_image_and_the_base_comes_back(lora_app):
