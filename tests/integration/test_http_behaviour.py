@@ -97,7 +97,8 @@ def test_openapi_documents_the_request_body(fake_app):
     operation = spec["paths"]["/api/text2image"]["post"]
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["prompt"]
-    assert set(schema["properties"]) == {"prompt", "number", "size", "step", "batch", "seed"}
+    assert set(schema["properties"]) == {"prompt", "number", "size", "step", "batch", "seed",
+                                          "model"}
 
 
 def test_openapi_documents_the_error_body(fake_app):
