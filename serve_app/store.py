@@ -29,7 +29,8 @@ GRID_NAME = "image_grid.png"
 RECORDS_DIR = "jobs"
 # Every record's name, and only those: the functions below make them.
 RECORD_NAME = re.compile(
-    r"^(?:job-[0-9a-f]{32}|key-[0-9a-f]{64}|(?:step|preview)-[0-9a-f]{32}-\d{1,3})$")
+    r"^(?:job-[0-9a-f]{32}|key-[0-9a-f]{64}|step-[0-9a-f]{32}-\d{1,3}"
+    r"|preview-[0-9a-f]{32}-\d{1,3}-\d{1,3})$")
 
 
 def job_record_name(job_id: str) -> str:
@@ -43,10 +44,12 @@ def step_record_name(key: str, call_index: int) -> str:
     return f"step-{key}-{call_index}"
 
 
-def preview_record_name(key: str, call_index: int) -> str:
-    """Where a model replica writes the latest preview PNG of one call (beside its step
-    count), for clients that asked for previews."""
-    return f"preview-{key}-{call_index}"
+def preview_record_name(key: str, call_index: int, step: int) -> str:
+    """Where a model replica writes the preview PNG of one call's denoising step (beside
+    its step count), for clients that asked for previews. One record per step, not a
+    latest value: a stream that polls after two fast steps still sends each step's own
+    preview."""
+    return f"preview-{key}-{call_index}-{step}"
 
 
 def image_name(call_index: int, image_index: int) -> str:

@@ -10,9 +10,9 @@ records and turns changes into events. A job's stream polls only the job's publi
 
 Events (`event:` name, `data:` JSON):
 * `progress`: `{"step", "steps", "elapsedSeconds"}` plus `"preview"` (a data: URL of a PNG,
-  1/8 of the image's side) when asked for and new. One event per denoising step, in order
-  (steps over all calls of the request: `number x` the steps a call runs); steps that
-  finished between two polls are sent together, the preview on the last of them. For jobs
+  1/8 of the image's side) when asked for. One event per denoising step, in order (steps
+  over all calls of the request: `number x` the steps a call runs), each with its own step's
+  preview (the replica writes one record per step). For jobs
   the events carry `"status"`, `"done"`, `"total"` too, and come when the status changes.
 * `result`: the body the non-streaming endpoint returns (for jobs: the job record).
 * `error`: the error body (`{"status": "error", "error": {...}}`); the stream then ends.
@@ -54,7 +54,7 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 class StepRecords:
     """Reads what the model replicas wrote for one progress key: steps per call, and the
-    latest preview of a call."""
+    preview of each call's steps."""
 
     def __init__(self, store: ImageStore, key: str, calls: int) -> None:
         self.store = store
@@ -77,49 +77,64 @@ class StepRecords:
                 out.append(0)
         return out
 
-    def preview(self, call_index: int) -> bytes | None:
-        return self._read(preview_record_name(self.key, call_index))
+    def preview(self, call_index: int, step: int) -> bytes | None:
+        return self._read(preview_record_name(self.key, call_index, step))
 
-    def delete(self) -> None:
+    def delete(self, steps_per_call: int) -> None:
         for i in range(self.calls):
-            for name in (step_record_name(self.key, i), preview_record_name(self.key, i)):
+            names = [step_record_name(self.key, i)]
+            names += [preview_record_name(self.key, i, n) for n in range(1, steps_per_call + 1)]
+            for name in names:
                 try:
                     self.store.delete_record(name)
                 except Exception:  # best effort: the TTL cleanup removes what is left
                     logger.debug("could not delete %s", name)
 
 
+def _new_steps(before: list[int], now: list[int], steps_per_call: int) -> list[tuple[int, int]]:
+    """The (call, step) pairs finished since `before`, in the order they most likely
+    finished: by step, then call (a request's calls run side by side in one batch)."""
+    pairs = [(step, call) for call, (old, new) in enumerate(zip(before, now))
+             for step in range(old + 1, min(new, steps_per_call) + 1)]
+    return [(call, step) for step, call in sorted(pairs)]
+
+
 async def generation_events(run: Callable[[], Awaitable[dict[str, Any]]],
                             records: StepRecords, steps_per_call: int, preview: bool,
                             poll_s: float = POLL_S) -> AsyncIterator[bytes]:
-    """Runs the generation (`run`) and yields its events until its result or error."""
+    """Runs the generation (`run`) and yields its events until its result or error: one
+    `progress` event per step, each with that step's own preview when asked for."""
     started = time.perf_counter()
     total = steps_per_call * records.calls
     task = asyncio.ensure_future(run())
-    last_step, last_preview = 0, b""
+    seen = [0] * records.calls  # per call, the steps already sent
+    sent = 0
+
+    async def progress(finished: bool) -> AsyncIterator[bytes]:
+        nonlocal sent
+        now = await asyncio.to_thread(records.steps)
+        elapsed = round(time.perf_counter() - started, 3)
+        for call, step in _new_steps(seen, now, steps_per_call):
+            event: dict[str, Any] = {"step": sent + 1, "steps": total,
+                                     "elapsedSeconds": elapsed}
+            if preview:
+                image = await asyncio.to_thread(records.preview, call, step)
+                if image is None and not finished:
+                    return  # its preview is still being written: sent at the next poll
+                if image is not None:
+                    event["preview"] = ("data:image/png;base64,"
+                                        + base64.b64encode(image).decode())
+            seen[call] = step
+            sent += 1
+            yield sse("progress", event)
+
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=poll_s)
             if done:
                 break
-            steps = await asyncio.to_thread(records.steps)
-            step = min(sum(steps), total)
-            if step <= last_step:
-                continue  # a preview newer than its step count waits for the next step
-            elapsed = round(time.perf_counter() - started, 3)
-            for n in range(last_step + 1, step):
-                yield sse("progress", {"step": n, "steps": total, "elapsedSeconds": elapsed})
-            event: dict[str, Any] = {"step": step, "steps": total, "elapsedSeconds": elapsed}
-            if preview:
-                # The call furthest along is the one worth watching.
-                leader = max(range(len(steps)), key=lambda i: steps[i])
-                image = await asyncio.to_thread(records.preview, leader)
-                if image and image != last_preview:
-                    last_preview = image
-                    event["preview"] = ("data:image/png;base64,"
-                                        + base64.b64encode(image).decode())
-            last_step = step
-            yield sse("progress", event)
+            async for chunk in progress(finished=False):
+                yield chunk
         try:
             result = task.result()
         except ServiceError as err:
@@ -129,14 +144,18 @@ async def generation_events(run: Callable[[], Awaitable[dict[str, Any]]],
             logger.exception("streamed generation failed")
             yield sse("error", error_body(ServiceError("internal error")))
             return
+        # The replica wrote every step's record before answering: the steps since the
+        # last poll, with their previews, then any a failed progress write left out.
+        async for chunk in progress(finished=True):
+            yield chunk
         elapsed = round(time.perf_counter() - started, 3)
-        for n in range(last_step + 1, total + 1):
+        for n in range(sent + 1, total + 1):
             yield sse("progress", {"step": n, "steps": total, "elapsedSeconds": elapsed})
         yield sse("result", result)
     finally:
         if not task.done():  # the client left: its calls give their places back
             task.cancel()
-        await asyncio.to_thread(records.delete)
+        await asyncio.to_thread(records.delete, steps_per_call)
 
 
 async def job_events(status: Callable[[], Awaitable[JobRecord]], first: JobRecord,

@@ -167,8 +167,8 @@ class Text2ImageModel:
 
     def _preview_reporter(self, members: list[GenerationItem]) -> PreviewCallback | None:
         """Only when a member asked for previews (a client watches its stream): each
-        step's preview of the call's first image, as a small PNG written like the steps.
-        Written before the step count, so a reader that sees step n finds its preview."""
+        step's preview of the call's first image, as a small PNG written like the steps,
+        one record per step (the stream sends every step's own preview)."""
         wanted: list[tuple[str, int, int]] = []
         position = 0
         for member in members:
@@ -181,7 +181,7 @@ class Text2ImageModel:
 
         def report(step: int, previews: list[Any]) -> None:
             for key, index, first_image in wanted:
-                progress.submit(preview_record_name(key, index),
+                progress.submit(preview_record_name(key, index, step),
                                 encode_png(previews[first_image]))
         return report
 
@@ -285,10 +285,11 @@ class Text2ImageModel:
         run = [members[i] for i in running]
         start = time.perf_counter()
         self._pipeline_calls += 1
+        previews = self._preview_reporter(run)
         try:
             images = await loop.run_in_executor(
                 self._executor, generator.generate, run, self._step_reporter(run),
-                self._preview_reporter(run), init_images)
+                previews, init_images)
         except NotImplementedError as exc:
             for i in running:
                 out[i] = ModelResult(error="not_supported", message=str(exc))
@@ -300,6 +301,10 @@ class Text2ImageModel:
                 out[i] = ModelResult(error=type(exc).__name__)
             return [r for r in out if r is not None]
         elapsed = time.perf_counter() - start
+        if previews is not None:
+            # A stream sends its last steps when the result comes: their previews must be
+            # in the store by then (this waits for the queued writes only).
+            await loop.run_in_executor(None, self._writer().drain)
         first = run[0]
         self._metrics.record_pipeline_call(first.width, first.height, first.steps,
                                            sum(m.count for m in run), elapsed)

@@ -4,6 +4,7 @@ and scripted generations stand in for the model replicas."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 
@@ -41,7 +42,7 @@ def test_one_progress_event_per_step_then_the_result_and_records_removed():
         for step in (1, 2, 3):
             for call in (0, 1):
                 images.put_record(step_record_name(KEY, call), str(step).encode())
-                images.put_record(preview_record_name(KEY, call), bytes([step, call]))
+                images.put_record(preview_record_name(KEY, call, step), bytes([step, call]))
             await asyncio.sleep(0.05)
         return {"id": KEY, "status": "success"}
 
@@ -49,13 +50,62 @@ def test_one_progress_event_per_step_then_the_result_and_records_removed():
     events = parse(asyncio.run(collect(
         generation_events(run, records, steps_per_call=3, preview=True, poll_s=0.01))))
     progress = [data for name, data in events if name == "progress"]
-    assert [p["step"] for p in progress] == sorted(p["step"] for p in progress)
-    assert sorted({p["step"] for p in progress}) == [1, 2, 3, 4, 5, 6]
+    assert [p["step"] for p in progress] == [1, 2, 3, 4, 5, 6]
     assert all(p["steps"] == 6 for p in progress)
-    assert any(p.get("preview", "").startswith("data:image/png;base64,") for p in progress)
+    # each step its own preview: steps 1-2 are step 1 of calls 0 and 1, and so on
+    assert [preview_of(p) for p in progress] == [
+        bytes([1, 0]), bytes([1, 1]), bytes([2, 0]), bytes([2, 1]), bytes([3, 0]),
+        bytes([3, 1])]
     assert events[-1] == ("result", {"id": KEY, "status": "success"})
     assert records.steps() == [0, 0]
-    assert records.preview(0) is None
+    assert [records.preview(c, s) for c in (0, 1) for s in (1, 2, 3)] == [None] * 6
+
+
+def preview_of(event: dict) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert event["preview"].startswith(prefix)
+    return base64.b64decode(event["preview"][len(prefix):])
+
+
+def test_steps_done_between_two_polls_each_carry_their_own_preview():
+    """A fast model finishes every step before the first poll (and answers): each step
+    still comes with its own preview, in order, none left out."""
+    images = store()
+
+    async def run():
+        for step in (1, 2, 3, 4):
+            images.put_record(preview_record_name(KEY, 0, step), bytes([step]))
+            images.put_record(step_record_name(KEY, 0), str(step).encode())
+        return {"id": KEY}
+
+    events = parse(asyncio.run(collect(generation_events(
+        run, StepRecords(images, KEY, 1), steps_per_call=4, preview=True, poll_s=10.0))))
+    progress = [d for n, d in events if n == "progress"]
+    assert [(p["step"], preview_of(p)) for p in progress] == [
+        (1, bytes([1])), (2, bytes([2])), (3, bytes([3])), (4, bytes([4]))]
+    assert events[-1] == ("result", {"id": KEY})
+
+
+def test_a_step_whose_preview_is_not_written_yet_waits_for_it():
+    """The step count can land before that step's preview (one writer, latest value per
+    name): the event waits for the preview instead of going without it."""
+    images = store()
+
+    async def run():
+        images.put_record(step_record_name(KEY, 0), b"1")
+        await asyncio.sleep(0.05)  # a few polls see step 1 without its preview
+        images.put_record(preview_record_name(KEY, 0, 1), b"p1")
+        await asyncio.sleep(0.05)
+        return {"id": KEY}
+
+    async def main():
+        return await collect(generation_events(
+            run, StepRecords(images, KEY, 1), steps_per_call=1, preview=True, poll_s=0.01))
+
+    events = parse(asyncio.run(main()))
+    assert [(n, d.get("step"), preview_of(d)) for n, d in events if n == "progress"] == [
+        ("progress", 1, b"p1")]
+    assert events[-1] == ("result", {"id": KEY})
 
 
 def test_no_previews_unless_asked():
@@ -63,7 +113,7 @@ def test_no_previews_unless_asked():
 
     async def run():
         images.put_record(step_record_name(KEY, 0), b"1")
-        images.put_record(preview_record_name(KEY, 0), b"png")
+        images.put_record(preview_record_name(KEY, 0, 1), b"png")
         await asyncio.sleep(0.05)
         return {"id": KEY}
 
