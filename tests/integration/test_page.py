@@ -296,6 +296,17 @@ def test_playground_picks_the_model_and_says_which_made_each_image(browser, two_
     picker = Select(browser.find_element(By.ID, "model"))
     assert [o.text for o in picker.options] == ["sdxl-turbo (default)", "tiny-b"]
     assert picker.first_selected_option.get_attribute("value") == "sdxl-turbo"
+    # Each model's whole name fits in the picker (it was cut to "sdxl-turbo (defa").
+    text_px, room_px = browser.execute_script("""
+        const s = document.getElementById("model"), style = getComputedStyle(s);
+        const ctx = document.createElement("canvas").getContext("2d");
+        ctx.font = style.font;
+        const text = Math.max(...[...s.options].map((o) => ctx.measureText(o.text).width));
+        // content box, less about 20 px for the drop-down arrow
+        const room = s.clientWidth - parseFloat(style.paddingLeft)
+                     - parseFloat(style.paddingRight) - 20;
+        return [text, room];""")
+    assert text_px <= room_px, (text_px, room_px)
     browser.find_element(By.ID, "prompt").send_keys("a harbour")
     for model, done in (("tiny-b", 1), ("sdxl-turbo", 2)):
         picker.select_by_value(model)
