@@ -42,6 +42,19 @@ MAX_MODELS_PER_REPLICA_DEFAULT_CAP = 3
 # Resident size estimates (GiB) when a model names no memory_gib: SDXL holds about 3.5 G
 # parameters (UNet 2.6 G, text encoders 0.8 G, VAE 0.08 G), plus the runtime's own buffers.
 SDXL_MEMORY_GIB = {"float32": 14.0, "bfloat16": 7.0, "float16": 7.0, "int8": 4.0}
+# model.profile fast's OpenVINO UNet weights by CPU class (serve_app.model.cpu), as measured:
+# int8 weights pay only where the CPU computes in int8 (with dynamic activation quantization,
+# serve_app.model.openvino.runtime.DYNAMIC_QUANTIZATION_MEASURED); without VNNI they were
+# slower than the dtype's. Classes not listed get the dtype's weights until measured.
+# BENCHMARKS.md, issue 24.
+FAST_WEIGHTS_MEASURED: dict[str, tuple[Literal["int8", "dtype"], str]] = {
+    "avx512_bf16": ("int8", "UNet step 512x512 2.9-3.3 s with int8 weights and dynamic "
+                            "quantization against 3.9-4.5 s for the bfloat16 IR (AMD EPYC "
+                            "Zen 4)"),
+    "avx2": ("dtype", "512x512 with the tiny VAE, whole calls: 4 steps 41.0 s with float32 "
+                      "weights against 43.4 s with int8, 1 step 11.0 s against 11.2 s (AMD "
+                      "EPYC Zen 3, no VNNI, one run, 2026-12-06)"),
+}
 EMBEDDED_MEMORY_GIB = 0.1
 
 
@@ -167,8 +180,10 @@ class ModelConfig(StrictModel):
     # directory in diffusers format.
     source: str = EMBEDDED_TINY
     revision: str | None = None
-    # quality: the weights as they are and the full VAE. fast: int8 weights on OpenVINO
-    # (model.openvino.weights) and the tiny VAE (model.vae); each part can still be set alone.
+    # quality: the weights as they are and the full VAE. fast: the tiny VAE (model.vae) and,
+    # on OpenVINO, the UNet weights measured faster on the replica's CPU class
+    # (FAST_WEIGHTS_MEASURED: int8 on avx512_bf16, the dtype's on avx2 and on classes not
+    # measured; model.openvino.weights); each part can still be set alone.
     profile: Literal["quality", "fast"] = "quality"
     # What decodes latents to pixels (and encodes image-to-image inputs): full, the model's
     # own AutoencoderKL; tiny, an AutoencoderTiny from model.tiny_vae_source (much faster,
@@ -227,15 +242,19 @@ class ModelConfig(StrictModel):
             return "directory"
         return "hub"
 
-    def estimated_memory_gib(self, dtype: str) -> float:
+    def estimated_memory_gib(self, dtype: str, unet: str | None = None) -> float:
         """memory_gib, or an estimate for `dtype` (the one the replica resolved `auto` to):
         the embedded models are tiny; an SDXL-class model by its weights' width (int8 on
-        OpenVINO with int8 weights)."""
+        OpenVINO with int8 weights). `unet`: the weights a loaded replica reports (its
+        parts' `unet`); without it only model.openvino.weights: int8 counts as int8, since
+        profile fast picks the weights by the replica's CPU (resolve_weights) and a plan
+        made elsewhere (manifests, before a load) must fit the larger pick."""
         if self.memory_gib is not None:
             return self.memory_gib
         if self.source in EMBEDDED_MODELS:
             return EMBEDDED_MEMORY_GIB
-        if self.backend == "openvino" and self.resolved_weights == "int8":
+        int8 = (unet == "int8") if unet is not None else self.openvino.weights == "int8"
+        if self.backend == "openvino" and int8:
             return SDXL_MEMORY_GIB["int8"]
         return SDXL_MEMORY_GIB.get(dtype, SDXL_MEMORY_GIB["float32"])
 
@@ -245,12 +264,23 @@ class ModelConfig(StrictModel):
             return self.vae
         return "tiny" if self.profile == "fast" else "full"
 
-    @property
-    def resolved_weights(self) -> Literal["int8", "dtype"]:
-        """The OpenVINO IR's weights (the torch backends run the dtype's weights)."""
+    def resolve_weights(self, cpu_class: str | None) -> tuple[Literal["int8", "dtype"], str]:
+        """The OpenVINO IR's UNet weights on a CPU of `cpu_class` (serve_app.model.cpu), and
+        why: model.openvino.weights if set, else the profile's (quality: the dtype's; fast:
+        FAST_WEIGHTS_MEASURED). The torch backends always run the dtype's weights. cpu_class
+        None (no replica's CPU to ask): profile fast gives the dtype's, the larger."""
         if self.openvino.weights is not None:
-            return self.openvino.weights
-        return "int8" if self.profile == "fast" else "dtype"
+            return self.openvino.weights, "configured (model.openvino.weights)"
+        if self.profile != "fast":
+            return "dtype", "profile quality"
+        if cpu_class is None:
+            return "dtype", "profile fast: picked by the replica's CPU class, none known here"
+        if cpu_class in FAST_WEIGHTS_MEASURED:
+            weights, evidence = FAST_WEIGHTS_MEASURED[cpu_class]
+            which = "int8 weights" if weights == "int8" else "the dtype's weights"
+            return weights, f"profile fast: {which} measured faster on {cpu_class} CPUs " \
+                            f"({evidence})"
+        return "dtype", f"profile fast: int8 weights not measured faster on {cpu_class} CPUs"
 
     @property
     def resolved_tiny_vae_source(self) -> str:

@@ -40,7 +40,11 @@ BACKENDS: dict[str, dict[str, Any]] = {
     # The full-precision UNet with the tiny VAE.
     "openvino-tiny-vae": {"backend": "openvino", "vae": "tiny"},
     "torch-tiny-vae": {"backend": "torch", "vae": "tiny"},
-    # model.profile fast: int8 weights (OpenVINO only) and the tiny VAE.
+    # int8 weights with the tiny VAE on every CPU class (profile fast picks them on some).
+    "openvino-int8-tiny-vae": {"backend": "openvino", "vae": "tiny",
+                               "openvino": {"weights": "int8"}},
+    # model.profile fast: the tiny VAE and, on OpenVINO, the UNet weights measured faster on
+    # this CPU class (serve_app.config.FAST_WEIGHTS_MEASURED).
     "openvino-fast": {"backend": "openvino", "profile": "fast"},
     "torch-fast": {"backend": "torch", "profile": "fast"},
     "auto": {"backend": "auto"},

@@ -120,7 +120,8 @@ class Text2ImageModel:
             self._info = info
         self._model_info[model_id] = {"backend": info.get("backend"),
                                       "dtype": info.get("dtype")}
-        self._held.add(model_id, model.estimated_memory_gib(str(info.get("dtype"))))
+        self._held.add(model_id, model.estimated_memory_gib(
+            str(info.get("dtype")), unet=(info.get("parts") or {}).get("unet")))
         self._loads[model_id] = self._loads.get(model_id, 0) + 1
         self._metrics.record_load(model_id, seconds)
         logger.info("model %s loaded in %.2fs; holding %s", model_id, seconds,

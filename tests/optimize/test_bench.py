@@ -256,15 +256,19 @@ def test_backends_mode_refuses_the_in_memory_full_model_and_unknown_labels(tmp_p
 
 
 def test_backends_fast_rows_on_tiny_model(tiny_model_dir, tmp_path):
-    """The fast-profile rows: each runs its parts (int8 weights on OpenVINO only, the tiny
-    VAE from --tiny-vae), per-case steps, and every row's image is compared with torch
-    eager at the same dtype."""
+    """The fast-profile rows: each runs its parts (on OpenVINO the UNet weights profile fast
+    picks for this host's CPU class, int8 weights where asked for; the tiny VAE from
+    --tiny-vae), per-case steps, and every row's image is compared with torch eager at the
+    same dtype."""
     pytest.importorskip("openvino")
+    from serve_app.config import ModelConfig
+    from serve_app.model import cpu
     from serve_app.model.tiny_model import ensure_tiny_vae
 
     vae = ensure_tiny_vae(tmp_path / "vae")
     out = tmp_path / "fast.json"
-    assert main(["--backends", "torch-eager,torch-fast,openvino-tiny-vae,openvino-fast",
+    assert main(["--backends", "torch-eager,torch-fast,openvino-tiny-vae,openvino-fast,"
+                               "openvino-int8-tiny-vae",
                  "--model", str(tiny_model_dir), "--cases", "128x128:1,128x128:2",
                  "--repeat", "1", "--threads", "2", "--dtype", "float32",
                  "--tiny-vae", str(vae), "--cache-dir", str(tmp_path / "ir"),
@@ -272,9 +276,13 @@ def test_backends_fast_rows_on_tiny_model(tiny_model_dir, tmp_path):
     data = json.loads(out.read_text())
     backends = data["backends"]
     assert list(backends) == ["torch-eager", "torch-fast", "openvino-tiny-vae",
-                              "openvino-fast"]
+                              "openvino-fast", "openvino-int8-tiny-vae"]
     assert "tiny_vae" not in backends["torch-eager"]["applied"]
-    assert backends["openvino-fast"]["applied"][:2] == ["openvino_ir", "int8_weights"]
+    weights, _ = ModelConfig(profile="fast", backend="openvino").resolve_weights(
+        cpu.host().cpu_class)
+    assert backends["openvino-fast"]["applied"][0] == "openvino_ir"
+    assert ("int8_weights" in backends["openvino-fast"]["applied"]) == (weights == "int8")
+    assert backends["openvino-int8-tiny-vae"]["applied"][:2] == ["openvino_ir", "int8_weights"]
     assert "int8_weights" not in backends["openvino-tiny-vae"]["applied"]
     for label, entry in backends.items():
         assert list(entry["cases"]) == ["128x128 b1 s1", "128x128 b1 s2"], label

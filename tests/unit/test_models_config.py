@@ -83,8 +83,19 @@ def test_memory_estimates_by_source_and_dtype():
     sdxl = ModelConfig(source="/models/sdxl-turbo")
     assert sdxl.estimated_memory_gib("bfloat16") == 7.0
     assert sdxl.estimated_memory_gib("float32") == 14.0
-    int8 = ModelConfig(source="/models/sdxl-turbo", backend="openvino", profile="fast")
+    int8 = ModelConfig(source="/models/sdxl-turbo", backend="openvino",
+                       openvino={"weights": "int8"})
     assert int8.estimated_memory_gib("float32") == 4.0
+    # profile fast picks the weights by the replica's CPU: unloaded, sized for the larger
+    # (the dtype's); once loaded, by the weights the replica reports.
+    fast = ModelConfig(source="/models/sdxl-turbo", backend="openvino", profile="fast")
+    assert fast.estimated_memory_gib("float32") == 14.0
+    assert fast.estimated_memory_gib("bfloat16", unet="int8") == 4.0
+    assert fast.estimated_memory_gib("float32", unet="float32") == 14.0
+    # torch runs the dtype's weights whatever is configured.
+    assert ModelConfig(source="/models/sdxl-turbo", backend="torch",
+                       openvino={"weights": "int8"}).estimated_memory_gib(
+        "bfloat16", unet="bfloat16") == 7.0
 
 
 def test_duplicate_ids_are_refused_naming_the_id():

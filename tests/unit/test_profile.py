@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import EMBEDDED_TINY_VAE, TAESDXL, AppConfig
+from serve_app.config import EMBEDDED_TINY_VAE, FAST_WEIGHTS_MEASURED, TAESDXL, AppConfig
 from serve_app.model.openvino.cache import (
     MARKER,
     TINY_VAE_NETWORKS,
@@ -39,21 +39,56 @@ def model(**fields):
 def test_quality_is_the_default_profile_full_vae_and_the_dtypes_weights():
     m = model()
     assert (m.profile, m.vae, m.openvino.weights) == ("quality", None, None)
-    assert (m.resolved_vae, m.resolved_weights) == ("full", "dtype")
-    assert ir_weights(m) is None
+    for cpu_class in ("avx2", "avx512_bf16", "amx", None):
+        assert (m.resolved_vae, m.resolve_weights(cpu_class)) == (
+            "full", ("dtype", "profile quality"))
+        assert ir_weights(m, cpu_class) is None
 
 
-def test_fast_profile_is_int8_weights_and_the_tiny_vae_each_still_settable():
+def test_fast_profile_is_int8_weights_where_measured_faster_and_the_tiny_vae():
+    """On Zen 4 (avx512_bf16) int8 weights with dynamic quantization beat the bf16 IR; on
+    AVX2 (no VNNI) they were slower than float32's: fast keeps the dtype's weights there."""
     fast = model(profile="fast")
-    assert (fast.resolved_vae, fast.resolved_weights, ir_weights(fast)) == (
-        "tiny", "int8", "int8")
+    int8_evidence = FAST_WEIGHTS_MEASURED["avx512_bf16"][1]
+    assert FAST_WEIGHTS_MEASURED["avx512_bf16"][0] == "int8"
+    assert (fast.resolved_vae, fast.resolve_weights("avx512_bf16"),
+            ir_weights(fast, "avx512_bf16")) == (
+        "tiny", ("int8", f"profile fast: int8 weights measured faster on avx512_bf16 CPUs "
+                         f"({int8_evidence})"), "int8")
+    weights, avx2_evidence = FAST_WEIGHTS_MEASURED["avx2"]
+    assert weights == "dtype"
+    assert fast.resolve_weights("avx2") == (
+        "dtype", f"profile fast: the dtype's weights measured faster on avx2 CPUs "
+                 f"({avx2_evidence})")
+    assert ir_weights(fast, "avx2") is None
+    # Not measured: the dtype's weights, until a measurement says otherwise.
+    for unmeasured in ("amx", "avx512", "baseline"):
+        assert unmeasured not in FAST_WEIGHTS_MEASURED
+        assert fast.resolve_weights(unmeasured) == (
+            "dtype", f"profile fast: int8 weights not measured faster on {unmeasured} CPUs")
+        assert ir_weights(fast, unmeasured) is None
+    # No replica's CPU to ask (manifests, memory plans): the dtype's, the larger pick.
+    assert fast.resolve_weights(None) == (
+        "dtype", "profile fast: picked by the replica's CPU class, none known here")
+
+
+def test_each_part_of_the_fast_profile_is_still_settable_alone():
     full_vae = model(profile="fast", vae="full")
-    assert (full_vae.resolved_vae, full_vae.resolved_weights) == ("full", "int8")
+    assert (full_vae.resolved_vae, full_vae.resolve_weights("avx512_bf16")[0]) == (
+        "full", "int8")
+    # Set weights win over the class's pick, both ways.
     dtype_weights = model(profile="fast", openvino={"weights": "dtype"})
-    assert (dtype_weights.resolved_vae, dtype_weights.resolved_weights) == ("tiny", "dtype")
-    assert ir_weights(dtype_weights) is None
+    int8_weights = model(profile="fast", openvino={"weights": "int8"})
+    for cpu_class in ("avx2", "avx512_bf16", "amx", None):
+        assert (dtype_weights.resolved_vae, dtype_weights.resolve_weights(cpu_class)) == (
+            "tiny", ("dtype", "configured (model.openvino.weights)"))
+        assert ir_weights(dtype_weights, cpu_class) is None
+        assert int8_weights.resolve_weights(cpu_class) == (
+            "int8", "configured (model.openvino.weights)")
+        assert ir_weights(int8_weights, cpu_class) == "int8"
     quality_tiny = model(vae="tiny")
-    assert (quality_tiny.resolved_vae, quality_tiny.resolved_weights) == ("tiny", "dtype")
+    assert (quality_tiny.resolved_vae, quality_tiny.resolve_weights("avx512_bf16")[0]) == (
+        "tiny", "dtype")
 
 
 def test_the_tiny_vae_source_defaults_by_the_main_model():

@@ -383,18 +383,19 @@ def _serve_args(path: str, app: str | None) -> dict[str, Any]:
     return apps[0].get("args") or {}
 
 
-def spec_from_config(config: Any, dtype: str) -> ExportSpec:
+def spec_from_config(config: Any, dtype: str, cpu_class: str) -> ExportSpec:
     from serve_app.model.source import resolve_model_dir
 
     model = config.model
     model_dir = resolve_model_dir(model.source, model.revision, model.cache_dir)
-    return ExportSpec(source=model.source, revision=model.revision,
-                      model_dir=str(model_dir), dtype=dtype, weights=ir_weights(model))
+    return ExportSpec(source=model.source, revision=model.revision, model_dir=str(model_dir),
+                      dtype=dtype, weights=ir_weights(model, cpu_class))
 
 
-def ir_weights(model: Any) -> str | None:
-    """model.openvino.weights (or the profile's) as ExportSpec.weights: None for the dtype's."""
-    return "int8" if model.resolved_weights == "int8" else None
+def ir_weights(model: Any, cpu_class: str | None) -> str | None:
+    """model.openvino.weights (or the profile's pick for `cpu_class`, ModelConfig.
+    resolve_weights) as ExportSpec.weights: None for the dtype's."""
+    return "int8" if model.resolve_weights(cpu_class)[0] == "int8" else None
 
 
 def tiny_vae_spec(model: Any, dtype: str) -> ExportSpec:
@@ -421,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="model.dtype; auto resolves on THIS machine's CPU: export for "
                              "replicas on other CPUs with their dtype")
     parser.add_argument("--weights", choices=["dtype", "int8"], help="model.openvino.weights")
-    parser.add_argument("--profile", choices=["quality", "fast"], help="model.profile")
+    parser.add_argument("--profile", choices=["quality", "fast"],
+                        help="model.profile; fast picks the UNet weights by THIS machine's CPU "
+                             "class (as --dtype auto): pass --weights for replicas on others")
     # Internal: the replica's subprocess.
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -450,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     model["backend"] = "openvino"
     config = load_config({**raw, "model": model})
     choice = cpu.choose_dtype(config.model.dtype, "cpu", cpu.host())
-    spec = spec_from_config(config, choice.name)
+    spec = spec_from_config(config, choice.name, cpu.host().cpu_class)
     specs = [spec]
     if config.model.resolved_vae == "tiny":
         specs.append(tiny_vae_spec(config.model, choice.name))

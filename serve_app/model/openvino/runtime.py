@@ -326,9 +326,11 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
     # A GPU replica or a missing openvino fails here, with the reason.
     backend = backend or select_backend("openvino", torch.__version__, device=device)
     model_dir = resolve_model_dir(model_cfg.source, model_cfg.revision, model_cfg.cache_dir)
+    cpu_class = cpu.host().cpu_class
+    weights, weights_reason = model_cfg.resolve_weights(cpu_class)
     spec = ExportSpec(source=model_cfg.source, revision=model_cfg.revision,
                       model_dir=str(model_dir), dtype=choice.name,
-                      weights=export_module.ir_weights(model_cfg))
+                      weights=export_module.ir_weights(model_cfg, cpu_class))
     root = cache_root(model_dir, model_cfg.openvino.cache_dir)
     stage = time.perf_counter()
     ir_dir, exported = ensure_ir(spec, None, root=root,
@@ -344,7 +346,6 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
                 "exported" if exported else "cached", export_s)
     configs = json.loads((ir_dir / "configs.json").read_text())
     check_sizes(list(config.limits.allowed_sizes), configs["unet"])
-    cpu_class = cpu.host().cpu_class
     group, group_reason = dynamic_quantization_group(
         model_cfg.openvino.dynamic_quantization_group_size, spec.weights, cpu_class)
     compiled_cache, cache_skip = compiled_cache_dir(model_cfg.openvino.compiled_cache_dir,
@@ -363,7 +364,9 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
     applied = ["openvino_ir"] + (["int8_weights"] if spec.weights == "int8" else [])
     if group:
         applied.append(f"dynamic_quantization_{group}")
-    skipped: dict[str, str] = {}
+    # profile fast without int8 weights on this CPU class: the reason, where users look.
+    skipped: dict[str, str] = {} if weights == "int8" or model_cfg.profile != "fast" \
+        else {"int8_weights": weights_reason}
     if compiled_cache:
         applied.append("compiled_cache")
     elif cache_skip:
@@ -399,6 +402,7 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
             "exported_by_pid": marker.get("pid"),
             "compile_s": round(compile_s, 3),
             "weights": spec.weights or "dtype",
+            "weights_reason": weights_reason,
             "properties": properties,
         },
     }
