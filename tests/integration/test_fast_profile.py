@@ -28,12 +28,14 @@ def fast_weights() -> tuple[str, str]:
     return ModelConfig(profile="fast").resolve_weights(cpu.host().cpu_class)
 
 
-def run_fast(serve_url: str, name: str, backend: str, tmp: Path) -> dict:
+def run_fast(serve_url: str, name: str, backend: str, tmp: Path,
+             weights: str | None = None) -> dict:
     from ray import serve
 
+    openvino = {"cache_dir": str(tmp / "ir"), **({"weights": weights} if weights else {})}
     args = {
         "model": {"cache_dir": str(tmp / "model"), "backend": backend, "profile": "fast",
-                  "openvino": {"cache_dir": str(tmp / "ir")}},
+                  "openvino": openvino},
         "replica": {"num_cpus": 2},
         "ingress": {"num_cpus": 0.1},
         "store": {"url": str(tmp / "store")},
@@ -72,6 +74,16 @@ def openvino_fast(serve_url, tmp_path_factory) -> dict:
                                            "'.[openvino]'")
     return run_fast(serve_url, "fast-openvino", "openvino",
                     tmp_path_factory.mktemp("fast-openvino"))
+
+
+@pytest.fixture(scope="module")
+def openvino_fast_int8(serve_url, tmp_path_factory) -> dict:
+    """profile fast with int8 weights asked for: what the profile picks on avx512_bf16, and
+    the memory-saving choice on every other class."""
+    pytest.importorskip("openvino", reason="openvino is not installed: pip install -e "
+                                           "'.[openvino]'")
+    return run_fast(serve_url, "fast-openvino-int8", "openvino",
+                    tmp_path_factory.mktemp("fast-openvino-int8"), weights="int8")
 
 
 def check_images(run: dict) -> None:
@@ -135,3 +147,32 @@ def test_fast_on_openvino_runs_the_classes_weights_and_the_tiny_vaes_own_ir(open
     assert sorted(p.name for p in tiny.glob("*.xml")) == ["tiny_vae_decoder.xml",
                                                          "tiny_vae_encoder.xml"]
     check_images(openvino_fast)
+
+
+def test_fast_with_int8_weights_runs_them_and_the_tiny_vaes_own_ir_on_every_class(
+        openvino_fast_int8):
+    """The int8 path end to end whatever the host's class (profile fast picks it on
+    avx512_bf16 only): int8 weights, the class's dynamic quantization, the tiny VAE's IR."""
+    ready = openvino_fast_int8["ready"]
+    assert ready.status_code == 200
+    body = ready.json()
+    dtype = cpu.choose_dtype("auto", "cpu", cpu.host()).name
+    assert (body["profile"], body["parts"], body["backend"], body["dtype"]) == (
+        "fast", {"unet": "int8", "vae": TINY_VAE}, "openvino", dtype)
+    group, reason = dynamic_quantization_group(None, "int8", cpu.host().cpu_class)
+    assert body["optimizations"] == {
+        "applied": ["openvino_ir", "int8_weights",
+                    *([f"dynamic_quantization_{group}"] if group else []),
+                    "compiled_cache", "prompt_cache"],
+        "skipped": {}}
+    openvino = openvino_fast_int8["info"]["openvino"]
+    assert (openvino["weights"], openvino["weights_reason"]) == (
+        "int8", "configured (model.openvino.weights)")
+    assert openvino["dynamic_quantization"] == reason
+    assert openvino["properties"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == group
+    ir, tiny = Path(openvino["ir"]), Path(openvino["tiny_vae_ir"])
+    assert ir.name.startswith(f"{dtype}-int8-") and tiny.name.startswith(f"tiny_vae-{dtype}-")
+    assert tiny.parent == ir.parent
+    assert sorted(p.name for p in tiny.glob("*.xml")) == ["tiny_vae_decoder.xml",
+                                                         "tiny_vae_encoder.xml"]
+    check_images(openvino_fast_int8)
