@@ -100,6 +100,19 @@ def observe(samples) -> dict[str, float]:
     }
 
 
+def poll(metrics_url: str, read, expected: dict[str, float]) -> dict[str, float]:
+    """`read(samples)` of each scrape until it equals `expected` or DEADLINE_S passes
+    (metrics reach the endpoint on Ray's export interval); the last reading."""
+    deadline = time.monotonic() + DEADLINE_S
+    observed: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        observed = read(scrape(metrics_url))
+        if observed == expected:
+            break
+        time.sleep(1)
+    return observed
+
+
 def test_counters_move_after_requests(metrics_app, metrics_url):
     from ray import serve
 
@@ -134,14 +147,7 @@ def test_counters_move_after_requests(metrics_app, metrics_url):
         "healthy model replicas": 1, "healthy ingress replicas": 1,
     }
 
-    deadline = time.monotonic() + DEADLINE_S
-    observed: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        observed = observe(scrape(metrics_url))
-        if observed == expected:
-            break
-        time.sleep(1)
-    assert observed == expected
+    assert poll(metrics_url, observe, expected) == expected
 
     samples = scrape(metrics_url)
     latency = [(lab, v) for n, lab, v in samples
@@ -172,18 +178,14 @@ def test_a_call_whose_client_left_is_counted_as_dropped(metrics_app, metrics_url
         assert busy.result().status_code == 200
     depth = "ray_sdxl_queue_depth"
     expected = {"dropped": 1.0, "waiting": 0.0}
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        samples = scrape(metrics_url)
-        observed = {
+
+    def read(samples) -> dict[str, float]:
+        return {
             "dropped": total(samples, "ray_sdxl_dropped_calls_total", application=APP,
                              reason="client_left"),
             "waiting": total(samples, depth, application=APP, **{"class": "interactive"}),
         }
-        if observed == expected:
-            break
-        time.sleep(1)
-    assert observed == expected
+    assert poll(metrics_url, read, expected) == expected
     assert batcher.stats.remote().result()["dropped"] == 1
 
 
@@ -195,11 +197,9 @@ def test_model_loads_and_evictions_are_counted(metrics_app, metrics_url):
     expected = {"loads default": 2.0, "loads other": 1.0, "evictions default": 1.0,
                 "evictions other": 1.0, "load times default": 2.0, "load times other": 1.0,
                 "waiting other": 0.0}
-    deadline = time.monotonic() + DEADLINE_S
-    observed: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        samples = scrape(metrics_url)
-        observed = {
+
+    def read(samples) -> dict[str, float]:
+        return {
             "loads default": total(samples, "ray_sdxl_model_loads_total", application=APP,
                                    model="sdxl-turbo"),
             "loads other": total(samples, "ray_sdxl_model_loads_total", application=APP,
@@ -215,10 +215,7 @@ def test_model_loads_and_evictions_are_counted(metrics_app, metrics_url):
             "waiting other": total(samples, "ray_sdxl_model_queue_depth", application=APP,
                                    model="other", **{"class": "interactive"}),
         }
-        if observed == expected:
-            break
-        time.sleep(1)
-    assert observed == expected
+    assert poll(metrics_url, read, expected) == expected
 
 
 def test_dashboard_names_and_labels_exist_on_the_live_endpoint(metrics_app, metrics_url):
