@@ -55,6 +55,15 @@ FAST_WEIGHTS_MEASURED: dict[str, tuple[Literal["int8", "dtype"], str]] = {
                       "weights against 43.4 s with int8, 1 step 11.0 s against 11.2 s (AMD "
                       "EPYC Zen 3, no VNNI, one run, 2026-12-06)"),
 }
+# model.profile fast on the torch backends: CPU classes where the UNet's int8 layers
+# (model.torch_int8, serve_app/model/optimize/int8.py) made whole calls faster, and there
+# `backend: auto` with profile fast runs torch rather than OpenVINO (serve_app.model.backend).
+# Classes not listed keep the UNet in the dtype until measured. BENCHMARKS.md, issue 24.
+FAST_TORCH_INT8_MEASURED: dict[str, str] = {
+    "avx2": "512x512 with the tiny VAE, whole calls: 4 steps 24.8 s against 39.6 s for "
+            "OpenVINO float32, 1 step 7.2 s against 10.6 s; 2.52x / 3.97x torch eager "
+            "(AMD EPYC Zen 3, no VNNI, two rounds, 2026-12-06)",
+}
 EMBEDDED_MEMORY_GIB = 0.1
 
 
@@ -180,10 +189,11 @@ class ModelConfig(StrictModel):
     # directory in diffusers format.
     source: str = EMBEDDED_TINY
     revision: str | None = None
-    # quality: the weights as they are and the full VAE. fast: the tiny VAE (model.vae) and,
-    # on OpenVINO, the UNet weights measured faster on the replica's CPU class
-    # (FAST_WEIGHTS_MEASURED: int8 on avx512_bf16, the dtype's on avx2 and on classes not
-    # measured; model.openvino.weights); each part can still be set alone.
+    # quality: the weights as they are and the full VAE. fast: the tiny VAE (model.vae) and
+    # the int8 UNet measured faster on the replica's CPU class: on torch, int8 layers
+    # (model.torch_int8; FAST_TORCH_INT8_MEASURED: avx2, where `backend: auto` then runs
+    # torch); on OpenVINO, int8 weights (model.openvino.weights; FAST_WEIGHTS_MEASURED:
+    # avx512_bf16). Classes not measured keep the dtype. Each part can still be set alone.
     profile: Literal["quality", "fast"] = "quality"
     # What decodes latents to pixels (and encodes image-to-image inputs): full, the model's
     # own AutoencoderKL; tiny, an AutoencoderTiny from model.tiny_vae_source (much faster,
@@ -204,6 +214,11 @@ class ModelConfig(StrictModel):
     # runs exported OpenVINO IR (model.openvino).
     backend: Literal["auto", "ipex", "torch", "openvino"] = "auto"
     openvino: OpenVINOConfig = Field(default_factory=OpenVINOConfig)
+    # The torch backend: dynamic runs the UNet's linear and convolution layers int8 x int8,
+    # each call's inputs quantized from their own range (serve_app/model/optimize/int8.py;
+    # the images change a little); off keeps them in the dtype. Unset: from model.profile
+    # (quality: off; fast: dynamic on the CPU classes in FAST_TORCH_INT8_MEASURED).
+    torch_int8: Literal["dynamic", "off"] | None = None
     # Sizes compiled/warmed at start-up so the first real request pays no one-off cost.
     warmup_sizes: list[str] = Field(default_factory=lambda: ["512x512"])
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
@@ -282,6 +297,21 @@ class ModelConfig(StrictModel):
                             f"({evidence})"
         return "dtype", f"profile fast: int8 weights not measured faster on {cpu_class} CPUs"
 
+    def resolve_torch_int8(self, cpu_class: str | None) -> tuple[bool, str]:
+        """Whether the torch backends run the UNet's layers in int8 on a CPU of `cpu_class`,
+        and why: model.torch_int8 if set, else the profile's (quality: no; fast:
+        FAST_TORCH_INT8_MEASURED)."""
+        if self.torch_int8 is not None:
+            return self.torch_int8 == "dynamic", "configured (model.torch_int8)"
+        if self.profile != "fast":
+            return False, "profile quality"
+        if cpu_class is None:
+            return False, "profile fast: picked by the replica's CPU class, none known here"
+        if cpu_class in FAST_TORCH_INT8_MEASURED:
+            return True, (f"profile fast: int8 layers measured faster on {cpu_class} CPUs "
+                          f"({FAST_TORCH_INT8_MEASURED[cpu_class]})")
+        return False, f"profile fast: int8 layers not measured faster on {cpu_class} CPUs"
+
     @property
     def resolved_tiny_vae_source(self) -> str:
         if self.tiny_vae_source is not None:
@@ -290,7 +320,8 @@ class ModelConfig(StrictModel):
 
 
 # ModelEntry keys that, unset, take the value of `model:` (the default model).
-MODEL_OVERRIDES = ("dtype", "backend", "profile", "vae", "tiny_vae_source", "openvino")
+MODEL_OVERRIDES = ("dtype", "backend", "profile", "vae", "tiny_vae_source", "openvino",
+                   "torch_int8")
 
 
 class ModelEntry(StrictModel):
@@ -309,6 +340,7 @@ class ModelEntry(StrictModel):
     tiny_vae_source: str | None = None
     # Replaces model.openvino as a whole when set.
     openvino: OpenVINOConfig | None = None
+    torch_int8: Literal["dynamic", "off"] | None = None
     memory_gib: float | None = Field(default=None, gt=0)
 
     @field_validator("loras")

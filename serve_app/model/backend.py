@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from serve_app.config import FAST_TORCH_INT8_MEASURED
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,14 +44,16 @@ def _import_openvino() -> ModuleType:
 
 
 def select_backend(requested: str, torch_version: str, *, device: str = "cpu",
-                   cpu_class: str | None = None,
+                   cpu_class: str | None = None, profile: str = "quality",
                    import_ipex: Callable[[], ModuleType] = _import_ipex,
                    import_openvino: Callable[[], ModuleType] = _import_openvino
                    ) -> BackendChoice:
     """requested: 'auto', 'ipex', 'torch' or 'openvino'. 'ipex' or 'openvino' that cannot
     be used is an error. 'auto' on CPU: IPEX when it matches torch (someone installed the
     `ipex` extra on purpose), else OpenVINO where it measured fastest for `cpu_class`
-    (OPENVINO_MEASURED_FASTER) and imports, else torch."""
+    (OPENVINO_MEASURED_FASTER) and imports, else torch. With profile 'fast', 'auto' runs
+    torch on the classes where its int8 UNet layers measured faster than OpenVINO's fast
+    pick (serve_app.config.FAST_TORCH_INT8_MEASURED)."""
     if requested == "torch":
         return BackendChoice("torch", "configured")
     if requested == "openvino":
@@ -73,19 +77,24 @@ def select_backend(requested: str, torch_version: str, *, device: str = "cpu",
         reason = f"intel_extension_for_pytorch not usable: {type(exc).__name__}: {exc}"
         if requested == "ipex":
             raise RuntimeError(f"backend 'ipex' requested but {reason}") from exc
-        return _auto_without_ipex(reason, requested, cpu_class, import_openvino)
+        return _auto_without_ipex(reason, requested, cpu_class, import_openvino, profile)
     ipex_version = getattr(ipex, "__version__", "unknown")
     want, have = _major_minor(ipex_version), _major_minor(torch_version)
     if want is None or want != have:
         reason = f"IPEX {ipex_version} does not match torch {torch_version}"
         if requested == "ipex":
             raise RuntimeError(f"backend 'ipex' requested but {reason}")
-        return _auto_without_ipex(reason, requested, cpu_class, import_openvino)
+        return _auto_without_ipex(reason, requested, cpu_class, import_openvino, profile)
     return BackendChoice("ipex", f"IPEX {ipex_version} matches torch {torch_version}", ipex)
 
 
 def _auto_without_ipex(ipex_reason: str, requested: str, cpu_class: str | None,
-                       import_openvino: Callable[[], ModuleType]) -> BackendChoice:
+                       import_openvino: Callable[[], ModuleType],
+                       profile: str = "quality") -> BackendChoice:
+    if requested == "auto" and profile == "fast" and cpu_class in FAST_TORCH_INT8_MEASURED:
+        return BackendChoice("torch", f"auto, profile fast: torch with int8 UNet layers "
+                                      f"measured fastest on {cpu_class} CPUs "
+                                      f"({FAST_TORCH_INT8_MEASURED[cpu_class]})")
     if requested == "auto" and cpu_class is not None:
         openvino, why_not = _auto_openvino(cpu_class, import_openvino)
         if openvino is not None:

@@ -56,8 +56,9 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     # Threads follow the replica's CPU count, not the host's core count.
     torch.set_num_threads(config.replica.num_cpus)
     device, choice = device_and_dtype(config.replica.num_gpus, model_cfg.dtype)
+    cpu_class = cpu.host().cpu_class if device == "cpu" else None
     backend = select_backend(model_cfg.backend, torch.__version__, device=device,
-                             cpu_class=cpu.host().cpu_class if device == "cpu" else None)
+                             cpu_class=cpu_class, profile=model_cfg.profile)
     fallback: str | None = None
     if backend.name == "openvino" and model_cfg.loras:
         # An exported IR has no adapters: `auto` runs a model with adapters on torch rather
@@ -96,16 +97,20 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     logger.info("pipeline loaded in %.2fs", time.perf_counter() - stage)
 
     stage = time.perf_counter()
+    int8_unet, int8_reason = model_cfg.resolve_torch_int8(cpu_class)
     if device == "cpu":
         from serve_app.model.optimize import optimize_pipeline
 
-        report = optimize_pipeline(pipe, model_cfg.optimization, backend=backend.name)
+        report = optimize_pipeline(pipe, model_cfg.optimization, backend=backend.name,
+                                   int8_unet=int8_unet)
         applied, skipped = report.applied, report.skipped
     else:
-        applied, skipped = [], {}
+        applied, skipped = [], ({"int8_unet": f"device {device}"} if int8_unet else {})
+    if not int8_unet and model_cfg.profile == "fast":
+        skipped = {**skipped, "int8_unet": int8_reason}
     # What OpenVINO would run here: int8 weights are said to be skipped, not pretended; a
     # profile fast that picks the dtype's weights on this CPU class says why.
-    weights, weights_reason = model_cfg.resolve_weights(cpu.host().cpu_class)
+    weights, weights_reason = model_cfg.resolve_weights(cpu_class)
     if weights == "int8":
         skipped = {**skipped, "int8_weights": f"int8 weights run on backend openvino; "
                                               f"backend {backend.name} runs {dtype_name}"}
@@ -128,7 +133,8 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
         "optimizations_skipped": skipped,
         "warnings": warnings,
         "loras": loras,
-        **profile_info(model_cfg, unet=dtype_name,
+        "torch_int8_reason": int8_reason,
+        **profile_info(model_cfg, unet="int8" if "int8_unet" in applied else dtype_name,
                        vae_source=model_cfg.resolved_tiny_vae_source if tiny_vae else None),
     }
     generator = DiffusersGenerator(pipe, device=device, dtype=dtype, info=info)

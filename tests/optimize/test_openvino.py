@@ -197,6 +197,20 @@ def test_a_second_start_reads_the_cached_ir(first_start, model_cache, monkeypatc
     assert np.array_equal(flat(again.generate(SMALL)), flat(generator.generate(SMALL)))
 
 
+def test_torch_int8_asked_of_openvino_is_skipped_with_the_reason(first_start, model_cache,
+                                                                  monkeypatch):
+    """int8 layers are the torch backend's: OpenVINO runs its IR (the float32 one cached by
+    the first start) and says so instead of pretending."""
+    generator, _ = first_start
+    monkeypatch.setattr(export_module, "export_in_subprocess", refuse_export)
+    again = load_generator(ov_config(model_cache, dtype="float32", torch_int8="dynamic"))
+    assert again.info["optimizations_skipped"] == {
+        "int8_unet": "int8 layers (model.torch_int8) run on backend torch; backend openvino "
+                     "runs its IR"}
+    assert again.info["parts"]["unet"] == "float32"
+    assert again.info["openvino"]["ir"] == generator.info["openvino"]["ir"]
+
+
 def test_auto_dtype_reports_what_openvino_runs(first_start, model_cache, eager):
     """bf16 where the CPU has it natively (OpenVINO's CPU plugin then runs bf16), float32
     elsewhere (the float32 IR above is reused: no second export)."""

@@ -1,4 +1,5 @@
-"""model.profile and its parts (model.vae, model.openvino.weights), the tiny VAE's source and
+"""model.profile and its parts (model.vae, model.openvino.weights, model.torch_int8), the tiny
+VAE's source and
 IR entry, dynamic activation quantization per CPU class, and the compiled-model cache."""
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import EMBEDDED_TINY_VAE, FAST_WEIGHTS_MEASURED, TAESDXL, AppConfig
+from serve_app.config import (
+    EMBEDDED_TINY_VAE,
+    FAST_TORCH_INT8_MEASURED,
+    FAST_WEIGHTS_MEASURED,
+    TAESDXL,
+    AppConfig,
+)
 from serve_app.model.openvino.cache import (
     MARKER,
     TINY_VAE_NETWORKS,
@@ -89,6 +96,40 @@ def test_each_part_of_the_fast_profile_is_still_settable_alone():
     quality_tiny = model(vae="tiny")
     assert (quality_tiny.resolved_vae, quality_tiny.resolve_weights("avx512_bf16")[0]) == (
         "tiny", "dtype")
+
+
+def test_torch_int8_is_off_for_quality_and_on_for_fast_where_measured_faster():
+    """The torch backends' int8 UNet layers: never under profile quality; under fast on the
+    classes where they measured faster (avx2), with the evidence; set values win."""
+    for cpu_class in ("avx2", "avx512_bf16", "amx", None):
+        assert model().resolve_torch_int8(cpu_class) == (False, "profile quality")
+    fast = model(profile="fast")
+    assert list(FAST_TORCH_INT8_MEASURED) == ["avx2"]
+    assert fast.resolve_torch_int8("avx2") == (
+        True, f"profile fast: int8 layers measured faster on avx2 CPUs "
+              f"({FAST_TORCH_INT8_MEASURED['avx2']})")
+    for unmeasured in ("avx512_bf16", "amx", "avx512", "baseline"):
+        assert fast.resolve_torch_int8(unmeasured) == (
+            False, f"profile fast: int8 layers not measured faster on {unmeasured} CPUs")
+    assert fast.resolve_torch_int8(None) == (
+        False, "profile fast: picked by the replica's CPU class, none known here")
+    for cpu_class in ("avx2", "amx", None):
+        assert model(torch_int8="dynamic").resolve_torch_int8(cpu_class) == (
+            True, "configured (model.torch_int8)")
+        assert model(profile="fast", torch_int8="off").resolve_torch_int8(cpu_class) == (
+            False, "configured (model.torch_int8)")
+    with pytest.raises(ValidationError, match="torch_int8"):
+        model(torch_int8="static")
+
+
+def test_a_further_model_inherits_or_overrides_torch_int8():
+    config = AppConfig.model_validate({
+        "model": {"torch_int8": "dynamic"},
+        "models": [{"id": "b", "source": "embedded:tiny-sdxl-b"},
+                   {"id": "c", "source": "embedded:tiny-sdxl-b", "torch_int8": "off"}]})
+    models = config.resolved_models()
+    assert [models[i].torch_int8 for i in ("sdxl-turbo", "b", "c")] == [
+        "dynamic", "dynamic", "off"]
 
 
 def test_the_tiny_vae_source_defaults_by_the_main_model():

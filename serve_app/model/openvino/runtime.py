@@ -367,6 +367,9 @@ def load_openvino_generator(config: AppConfig, export: Exporter | None = None,
     # profile fast without int8 weights on this CPU class: the reason, where users look.
     skipped: dict[str, str] = {} if weights == "int8" or model_cfg.profile != "fast" \
         else {"int8_weights": weights_reason}
+    if model_cfg.torch_int8 == "dynamic":
+        skipped["int8_unet"] = ("int8 layers (model.torch_int8) run on backend torch; "
+                                "backend openvino runs its IR")
     if compiled_cache:
         applied.append("compiled_cache")
     elif cache_skip:

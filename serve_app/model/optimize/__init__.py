@@ -15,6 +15,11 @@ All of them keep diffusers' pipeline and only swap modules or attention processo
 * ``cross_attention_kv_cache``: cross-attention's K/V projections of the prompt
   embeddings are computed at the first denoising step and reused at the others (the same
   tensor, so the same values, bit for bit).
+* ``int8_unet`` (model.torch_int8, not an OptimizationConfig lever: it changes the
+  images): the UNet's linear and convolution layers as int8 x int8 oneDNN kernels with
+  per-call input quantization (:mod:`serve_app.model.optimize.int8`). Applied after the
+  attention fusion (its fused q/k/v GEMM is quantized too) and before fuse_geglu and the
+  prepacking, which then leave the UNet's int8 layers alone.
 * ``channels_last``: UNet and VAE in channels-last memory format.
 * ``prompt_cache_size``: LRU cache of prompt embeddings; a repeated prompt skips both text
   encoders. 0 turns it off.
@@ -39,6 +44,7 @@ import torch
 from serve_app.config import OptimizationConfig
 from serve_app.model import cpu
 from serve_app.model.optimize.attention import CpuAttnProcessor, fuse_attention
+from serve_app.model.optimize.int8 import int8_unusable, quantize_int8
 from serve_app.model.optimize.packed import (
     FusedGEGLU,
     PackedConv2d,
@@ -87,13 +93,14 @@ def _onednn_unusable(pipe: Any) -> str | None:
 
 
 def optimize_pipeline(pipe: Any, options: OptimizationConfig, *, backend: str = "torch",
-                      tiny_vae: str | None = None) -> LeverReport:
+                      tiny_vae: str | None = None, int8_unet: bool = False) -> LeverReport:
     """Apply the switched-on levers to a CPU pipeline in place.
 
     With backend "ipex", IPEX prepacks and fuses the weights itself (ipex.optimize after
     this), so only channels_last, the tiny VAE and the prompt cache are applied here.
     `tiny_vae`: a directory of an AutoencoderTiny to decode with (the benchmark's switch;
-    a replica loads it by model.vae before the levers).
+    a replica loads it by model.vae before the levers). `int8_unet`: the UNet's layers in
+    int8 (model.torch_int8, resolved by the caller); reported as applied or skipped.
     """
     report = LeverReport()
     applied = report.applied
@@ -119,6 +126,13 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *, backend: str = 
         if fuse_attention(pipe.unet, fuse_qkv=options.fuse_attention, cache_cross_kv=cache_kv):
             applied.extend(name for name, on in (("fuse_attention", options.fuse_attention),
                                                  ("cross_attention_kv_cache", cache_kv)) if on)
+    if int8_unet:
+        why_not = ("IPEX optimizes the UNet itself" if backend == "ipex" else int8_unusable())
+        if why_not is not None:
+            report.skipped["int8_unet"] = why_not
+            logger.warning("skipping int8_unet: %s", why_not)
+        elif quantize_int8(pipe.unet):
+            applied.append("int8_unet")
     if options.fuse_geglu and onednn and fuse_geglus(pipe.unet):
         applied.append("fuse_geglu")
     if options.prepack_linear and onednn:
