@@ -40,6 +40,12 @@ BACKENDS: dict[str, dict[str, Any]] = {
     # The full-precision UNet with the tiny VAE.
     "openvino-tiny-vae": {"backend": "openvino", "vae": "tiny"},
     "torch-tiny-vae": {"backend": "torch", "vae": "tiny"},
+    # The UNet's layers in int8 (model.torch_int8), with the levers and without, and with
+    # the tiny VAE (what profile fast runs on avx2).
+    "torch-int8": {"backend": "torch", "torch_int8": "dynamic"},
+    "torch-int8-tiny-vae": {"backend": "torch", "vae": "tiny", "torch_int8": "dynamic"},
+    "torch-eager-int8-tiny-vae": {"backend": "torch", "vae": "tiny", "torch_int8": "dynamic",
+                                  "optimization": EAGER_OFF},
     # int8 weights with the tiny VAE on every CPU class (profile fast picks them on some).
     "openvino-int8-tiny-vae": {"backend": "openvino", "vae": "tiny",
                                "openvino": {"weights": "int8"}},

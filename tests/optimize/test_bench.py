@@ -268,7 +268,7 @@ def test_backends_fast_rows_on_tiny_model(tiny_model_dir, tmp_path):
     vae = ensure_tiny_vae(tmp_path / "vae")
     out = tmp_path / "fast.json"
     assert main(["--backends", "torch-eager,torch-fast,openvino-tiny-vae,openvino-fast,"
-                               "openvino-int8-tiny-vae",
+                               "openvino-int8-tiny-vae,torch-int8-tiny-vae",
                  "--model", str(tiny_model_dir), "--cases", "128x128:1,128x128:2",
                  "--repeat", "1", "--threads", "2", "--dtype", "float32",
                  "--tiny-vae", str(vae), "--cache-dir", str(tmp_path / "ir"),
@@ -276,7 +276,7 @@ def test_backends_fast_rows_on_tiny_model(tiny_model_dir, tmp_path):
     data = json.loads(out.read_text())
     backends = data["backends"]
     assert list(backends) == ["torch-eager", "torch-fast", "openvino-tiny-vae",
-                              "openvino-fast", "openvino-int8-tiny-vae"]
+                              "openvino-fast", "openvino-int8-tiny-vae", "torch-int8-tiny-vae"]
     assert "tiny_vae" not in backends["torch-eager"]["applied"]
     weights, _ = ModelConfig(profile="fast", backend="openvino").resolve_weights(
         cpu.host().cpu_class)
@@ -284,6 +284,11 @@ def test_backends_fast_rows_on_tiny_model(tiny_model_dir, tmp_path):
     assert ("int8_weights" in backends["openvino-fast"]["applied"]) == (weights == "int8")
     assert backends["openvino-int8-tiny-vae"]["applied"][:2] == ["openvino_ir", "int8_weights"]
     assert "int8_weights" not in backends["openvino-tiny-vae"]["applied"]
+    # torch's int8 layers: always in their own row, in torch-fast where the class picks them.
+    int8, _ = ModelConfig(profile="fast").resolve_torch_int8(cpu.host().cpu_class)
+    assert ("int8_unet" in backends["torch-fast"]["applied"]) == int8
+    assert "int8_unet" in backends["torch-int8-tiny-vae"]["applied"]
+    assert "int8_unet" not in backends["torch-eager"]["applied"]
     for label, entry in backends.items():
         assert list(entry["cases"]) == ["128x128 b1 s1", "128x128 b1 s2"], label
         for case in entry["cases"].values():
