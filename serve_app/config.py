@@ -219,6 +219,11 @@ class ModelConfig(StrictModel):
     # the images change a little); off keeps them in the dtype. Unset: from model.profile
     # (quality: off; fast: dynamic on the CPU classes in FAST_TORCH_INT8_MEASURED).
     torch_int8: Literal["dynamic", "off"] | None = None
+    # Where the converted int8 UNet is kept (serve_app/model/optimize/int8_cache.py), so a
+    # restarted replica reads it instead of converting the float weights again. Unset:
+    # `torch-int8/` inside the model's directory; "" turns it off. Not writable: the replica
+    # converts at every start and /readyz lists int8_cache under skipped with the reason.
+    torch_int8_cache_dir: str | None = None
     # Sizes compiled/warmed at start-up so the first real request pays no one-off cost.
     warmup_sizes: list[str] = Field(default_factory=lambda: ["512x512"])
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)

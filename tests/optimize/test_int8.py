@@ -11,6 +11,8 @@ covers arithmetic reordering only): int8 changes the arithmetic itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,101 @@ def test_backend_auto_with_profile_fast_runs_torch_int8_on_avx2(tiny_model_dir, 
                  f"CPUs ({FAST_TORCH_INT8_MEASURED['avx2']})")
     assert info["parts"] == {"unet": "int8", "vae": "tiny (embedded:tiny-taesd)"}
     assert "int8_unet" in info["optimizations"]
+
+
+def int8_config(tiny_model_dir, tmp_path, **model) -> AppConfig:
+    return AppConfig.model_validate({
+        "model": {"source": str(tiny_model_dir), "warmup_sizes": [], "backend": "torch",
+                  "torch_int8": "dynamic", "dtype": "float32", **model},
+        "replica": {"num_cpus": 1}})
+
+
+def generated(generator) -> np.ndarray:
+    from tests.optimize.test_pipeline_images import ITEMS
+
+    return np.stack([img for group in generator.generate(ITEMS) for img in group])
+
+
+def test_the_int8_cache_is_written_once_and_read_at_the_next_start(tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """The first start converts and writes the entry; the next reads it without loading the
+    UNet's float weights (diffusers' UNet loader is made to fail) and gives the same bytes."""
+    from diffusers import UNet2DConditionModel
+
+    from serve_app.model.optimize.int8_cache import MARKER, TENSORS
+    from serve_app.model.pipeline import load_generator
+
+    config = int8_config(tiny_model_dir, tmp_path, torch_int8_cache_dir=str(tmp_path / "c"))
+    first = load_generator(config)
+    cache = first.info["torch_int8_cache"]
+    entry = tmp_path / "c" / Path(cache["entry"]).name
+    assert (cache["hit"], Path(cache["entry"]).parent) == (False, tmp_path / "c")
+    assert entry.name.startswith("float32-")
+    assert sorted(p.name for p in entry.iterdir()) == sorted([MARKER, TENSORS])
+    assert first.info["optimizations"][-2:] == ["prompt_cache", "int8_cache"]
+    assert "int8_unet" in first.info["optimizations"]
+
+    def no_float_unet(*args, **kwargs):
+        raise AssertionError("the UNet's float weights were loaded")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_float_unet)
+    second = load_generator(config)
+    assert second.info["torch_int8_cache"] == {"entry": str(entry), "hit": True}
+    assert second.info["optimizations"] == first.info["optimizations"]
+    assert second.info["parts"]["unet"] == "int8"
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [entry.name]  # nothing rewritten
+    assert np.array_equal(generated(second), generated(first))
+
+
+def test_the_int8_cache_key_follows_the_attention_fusion_and_the_dtype(tiny_model_dir,
+                                                                      tmp_path):
+    from serve_app.model.optimize.int8_cache import entry_for
+
+    root = tmp_path / "c"
+    fused = entry_for(root, tiny_model_dir, dtype="float32", fuse_attention=True)
+    assert fused == entry_for(root, tiny_model_dir, dtype="float32", fuse_attention=True)
+    assert len({fused, entry_for(root, tiny_model_dir, dtype="float32", fuse_attention=False),
+                entry_for(root, tiny_model_dir, dtype="bfloat16", fuse_attention=True)}) == 3
+    unfused = load_generator_info(int8_config(
+        tiny_model_dir, tmp_path, torch_int8_cache_dir=str(root),
+        optimization={"fuse_attention": False}))
+    assert unfused["torch_int8_cache"]["entry"] == str(
+        entry_for(root, tiny_model_dir, dtype="float32", fuse_attention=False))
+
+
+def load_generator_info(config: AppConfig) -> dict:
+    from serve_app.model.pipeline import load_generator
+
+    return load_generator(config).info
+
+
+def test_an_unwritable_int8_cache_is_skipped_with_the_reason(tiny_model_dir, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    info = load_generator_info(int8_config(
+        tiny_model_dir, tmp_path, torch_int8_cache_dir=str(tmp_path / "a-file" / "cache")))
+    assert "int8_unet" in info["optimizations"] and "int8_cache" not in info["optimizations"]
+    assert info["optimizations_skipped"]["int8_cache"] == (
+        f"{tmp_path / 'a-file' / 'cache'} is not writable (Not a directory)")
+    assert info["torch_int8_cache"]["hit"] is False
+
+
+def test_a_torn_int8_cache_entry_is_converted_again(tiny_model_dir, tmp_path, caplog):
+    from serve_app.model.optimize.int8_cache import TENSORS
+
+    config = int8_config(tiny_model_dir, tmp_path, torch_int8_cache_dir=str(tmp_path / "c"))
+    entry = Path(load_generator_info(config)["torch_int8_cache"]["entry"])
+    (entry / TENSORS).write_bytes((entry / TENSORS).read_bytes()[:1000])
+    with caplog.at_level("WARNING", logger="serve_app.model.pipeline"):
+        info = load_generator_info(config)
+    assert f"int8 cache entry {entry} unusable" in caplog.text
+    assert info["torch_int8_cache"]["hit"] is False
+    assert "int8_unet" in info["optimizations"]
+
+
+def test_the_int8_cache_turned_off_or_without_int8(tiny_model_dir, tmp_path):
+    off = load_generator_info(int8_config(tiny_model_dir, tmp_path, torch_int8_cache_dir=""))
+    assert off["torch_int8_cache"] is None and "int8_cache" not in off["optimizations"]
+    assert "int8_unet" in off["optimizations"]
+    plain = load_generator_info(int8_config(tiny_model_dir, tmp_path, torch_int8="off",
+                                            torch_int8_cache_dir=str(tmp_path / "c")))
+    assert plain["torch_int8_cache"] is None and not (tmp_path / "c").exists()

@@ -257,3 +257,12 @@ def test_ensure_ir_exports_the_tiny_vae_once_into_the_given_root(tmp_path):
     assert ensure_ir(spec, None, export=export, root=root) == (entry, False)
     assert len(calls) == 1
     assert not (vae / "openvino").exists()  # nothing written beside the tiny VAE's files
+
+
+def test_the_int8_cache_sits_in_the_models_directory_unless_configured(tmp_path):
+    from serve_app.model.optimize.int8_cache import cache_root
+
+    assert cache_root(tmp_path / "model", None) == tmp_path / "model" / "torch-int8"
+    assert cache_root(tmp_path / "model", str(tmp_path / "shared")) == tmp_path / "shared"
+    assert cache_root(tmp_path / "model", "") is None
+    assert model(torch_int8_cache_dir="").torch_int8_cache_dir == ""

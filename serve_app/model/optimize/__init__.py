@@ -44,7 +44,8 @@ import torch
 from serve_app.config import OptimizationConfig
 from serve_app.model import cpu
 from serve_app.model.optimize.attention import CpuAttnProcessor, fuse_attention
-from serve_app.model.optimize.int8 import int8_unusable, quantize_int8
+from serve_app.model.optimize.int8 import int8_unusable, is_int8, quantize_int8
+from serve_app.model.optimize.int8_cache import Int8Tensors
 from serve_app.model.optimize.packed import (
     FusedGEGLU,
     PackedConv2d,
@@ -93,14 +94,16 @@ def _onednn_unusable(pipe: Any) -> str | None:
 
 
 def optimize_pipeline(pipe: Any, options: OptimizationConfig, *, backend: str = "torch",
-                      tiny_vae: str | None = None, int8_unet: bool = False) -> LeverReport:
+                      tiny_vae: str | None = None, int8_unet: bool = False,
+                      int8_sink: Int8Tensors | None = None) -> LeverReport:
     """Apply the switched-on levers to a CPU pipeline in place.
 
     With backend "ipex", IPEX prepacks and fuses the weights itself (ipex.optimize after
     this), so only channels_last, the tiny VAE and the prompt cache are applied here.
     `tiny_vae`: a directory of an AutoencoderTiny to decode with (the benchmark's switch;
     a replica loads it by model.vae before the levers). `int8_unet`: the UNet's layers in
-    int8 (model.torch_int8, resolved by the caller); reported as applied or skipped.
+    int8 (model.torch_int8, resolved by the caller); reported as applied or skipped; a UNet
+    read from the int8 cache is int8 already. `int8_sink` collects what the cache stores.
     """
     report = LeverReport()
     applied = report.applied
@@ -131,8 +134,12 @@ def optimize_pipeline(pipe: Any, options: OptimizationConfig, *, backend: str = 
         if why_not is not None:
             report.skipped["int8_unet"] = why_not
             logger.warning("skipping int8_unet: %s", why_not)
-        elif quantize_int8(pipe.unet):
+        elif is_int8(pipe.unet):
             applied.append("int8_unet")
+        elif quantize_int8(pipe.unet, sink=None if int8_sink is None else int8_sink.int8):
+            applied.append("int8_unet")
+            if int8_sink is not None:  # the float tensors left, before any later lever
+                int8_sink.floats.update(pipe.unet.state_dict())
     if options.fuse_geglu and onednn and fuse_geglus(pipe.unet):
         applied.append("fuse_geglu")
     if options.prepack_linear and onednn:

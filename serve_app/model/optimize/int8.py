@@ -71,15 +71,24 @@ def _quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with int8 weights and per-call int8 inputs (inference only, CPU)."""
+    """nn.Linear with int8 weights and per-call int8 inputs (inference only, CPU).
 
-    def __init__(self, linear: nn.Linear) -> None:
+    `linear` gives the shape (its weights may be on the meta device when `qweight`, its
+    int8 weight, and `scales` come from the int8 cache); without them its float weight
+    is quantized. The int8 tensors are plain attributes, out of state_dict."""
+
+    def __init__(self, linear: nn.Linear, qweight: torch.Tensor | None = None,
+                 scales: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        qweight, self.w_scales, self.w_zero_points = _per_channel(linear.weight)
-        # oneDNN's prepacked int8 weight: an opaque tensor, kept out of state_dict.
+        if qweight is None or scales is None:
+            qweight, scales, _ = _per_channel(linear.weight)
+            bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.qweight_shape = tuple(qweight.shape)
+        self.w_scales, self.w_zero_points = scales, torch.zeros(scales.shape, dtype=torch.int64)
+        # oneDNN's prepacked int8 weight: an opaque tensor.
         self.packed_weight = torch.ops.onednn.qlinear_prepack(qweight, None)
-        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero_point = _quantize_input(x)
@@ -95,16 +104,21 @@ class Int8Linear(nn.Module):
 class Int8Conv2d(nn.Module):
     """nn.Conv2d (zero padding) with int8 weights and per-call int8 inputs."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, qweight: torch.Tensor | None = None,
+                 scales: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.geometry: tuple[list[int], list[int], list[int], int] = (
             list(conv.stride), list(conv.padding),  # type: ignore[arg-type]
             list(conv.dilation), conv.groups)
-        qweight, self.w_scales, self.w_zero_points = _per_channel(conv.weight)
-        self.packed_weight = torch.ops.onednn.qconv_prepack(qweight, self.w_scales, 1.0, 0,
+        if qweight is None or scales is None:
+            qweight, scales, _ = _per_channel(conv.weight)
+            bias = None if conv.bias is None else conv.bias.detach().float().clone()
+        self.qweight_shape = tuple(qweight.shape)
+        self.w_scales, self.w_zero_points = scales, torch.zeros(scales.shape, dtype=torch.int64)
+        self.packed_weight = torch.ops.onednn.qconv_prepack(qweight, scales, 1.0, 0,
                                                             *self.geometry, None)
-        self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero_point = _quantize_input(x)
@@ -124,15 +138,56 @@ def _convertible(module: nn.Module) -> bool:
             and not isinstance(module.padding, str))
 
 
-def quantize_int8(root: Any, keep_float: tuple[str, ...] = KEEP_FLOAT) -> int:
+Int8Layer = Int8Linear | Int8Conv2d
+
+
+def _targets(root: Any, keep_float: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in root.named_modules()
+            if name and name not in keep_float and _convertible(module)]
+
+
+def _replace(root: Any, name: str, replacement: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, replacement)
+
+
+def quantize_int8(root: Any, keep_float: tuple[str, ...] = KEEP_FLOAT,
+                  sink: dict[str, torch.Tensor] | None = None) -> int:
     """Replace root's nn.Linear and nn.Conv2d modules (except those named in keep_float)
     with their int8 versions, in place; the float weights are freed as each one goes.
+    `sink` collects what the int8 cache stores (`<name>.qweight`, `.scales`, `.bias`).
     Returns how many were replaced."""
-    targets = [(name, module) for name, module in root.named_modules()
-               if name and name not in keep_float and _convertible(module)]
+    targets = _targets(root, keep_float)
     for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        replacement = Int8Linear(module) if isinstance(module, nn.Linear) else Int8Conv2d(module)
-        setattr(parent, attr, replacement)
+        float_bias: Any = getattr(module, "bias", None)
+        qweight, scales, _ = _per_channel(module.weight)  # type: ignore[arg-type]
+        bias = None if float_bias is None else float_bias.detach().float().clone()
+        kind = Int8Linear if isinstance(module, nn.Linear) else Int8Conv2d
+        _replace(root, name, kind(module, qweight, scales, bias))  # type: ignore[arg-type]
+        if sink is not None:
+            sink.update({f"{name}.qweight": qweight, f"{name}.scales": scales,
+                         **({} if bias is None else {f"{name}.bias": bias})})
     return len(targets)
+
+
+def load_int8(root: Any, tensors: dict[str, torch.Tensor],
+              keep_float: tuple[str, ...] = KEEP_FLOAT) -> int:
+    """quantize_int8's result from `tensors` (what its sink collected), on a `root` whose
+    layers may be on the meta device: every layer quantize_int8 would convert must be in
+    `tensors`, and nothing else. Returns how many were replaced."""
+    targets = _targets(root, keep_float)
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    if names != {name for name, _ in targets}:
+        raise ValueError(f"int8 tensors for {len(names)} layers, the model has "
+                         f"{len(targets)} to convert")
+    for name, module in targets:
+        kind = Int8Linear if isinstance(module, nn.Linear) else Int8Conv2d
+        _replace(root, name, kind(module, tensors[f"{name}.qweight"],  # type: ignore[arg-type]
+                                  tensors[f"{name}.scales"], tensors.get(f"{name}.bias")))
+    return len(targets)
+
+
+def is_int8(root: Any) -> bool:
+    """Whether root's layers were converted already (by quantize_int8 or load_int8)."""
+    return any(isinstance(module, Int8Linear | Int8Conv2d) for module in root.modules())
