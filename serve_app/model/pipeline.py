@@ -171,11 +171,14 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
         skipped = {**skipped, "int8_unet": int8_reason}
     # What OpenVINO would run here: int8 weights are said to be skipped, not pretended; a
     # profile fast that picks the dtype's weights on this CPU class says why.
+    # (With int8 layers running, OpenVINO's pick of weights says nothing about this UNet.)
+    int8_layers = "int8_unet" in applied
     weights, weights_reason = model_cfg.resolve_weights(cpu_class)
     if weights == "int8":
+        runs = "int8 layers" if int8_layers else dtype_name
         skipped = {**skipped, "int8_weights": f"int8 weights run on backend openvino; "
-                                              f"backend {backend.name} runs {dtype_name}"}
-    elif model_cfg.profile == "fast":
+                                              f"backend {backend.name} runs {runs}"}
+    elif model_cfg.profile == "fast" and not int8_layers:
         skipped = {**skipped, "int8_weights": weights_reason}
     apply_ipex(backend, pipe, dtype)
     logger.info("backend %s (%s), optimisations %s, skipped %s, in %.2fs", backend.name,
