@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,58 +34,6 @@ def _load_tiny(model_cfg: Any, dtype: torch.dtype) -> Any:
     return load_tiny_vae(resolve_tiny_vae_dir(model_cfg.resolved_tiny_vae_source,
                                               model_cfg.tiny_vae_revision, model_cfg.cache_dir),
                          dtype)
-
-
-@dataclass
-class _Int8Cache:
-    """The replica's use of the int8 UNet cache (serve_app/model/optimize/int8_cache.py):
-    the UNet read from it (a hit), or what to write there after the conversion (a miss), or
-    why it is not used."""
-
-    entry: Path | None
-    unet: Any = None
-    sink: Any = None
-    skipped: str | None = None
-
-    @classmethod
-    def open(cls, model_cfg: Any, model_dir: str | Path,
-             dtype_name: str) -> _Int8Cache | None:
-        from serve_app.model.optimize import int8_cache
-        from serve_app.model.optimize.int8 import int8_unusable
-
-        if model_cfg.loras:  # adapters are fused into the weights: not what the key covers
-            return cls(None, skipped="not with LoRA adapters (fused into the weights)")
-        root = int8_cache.cache_root(model_dir, model_cfg.torch_int8_cache_dir)
-        if root is None or int8_unusable() is not None:
-            return None  # turned off; or no int8 layers at all (reported as skipped)
-        fuse_qkv = model_cfg.optimization.fuse_attention
-        entry = int8_cache.entry_for(root, model_dir, dtype=dtype_name, fuse_attention=fuse_qkv)
-        if int8_cache.is_complete(entry):
-            try:
-                return cls(entry, unet=int8_cache.load_unet(model_dir, entry, fuse_qkv=fuse_qkv))
-            except Exception as exc:  # a torn or foreign file: the float weights still work
-                logger.warning("int8 cache entry %s unusable (%s); converting again",
-                               entry, exc)
-        return cls(entry, sink=int8_cache.Int8Tensors())
-
-    def finish(self, applied: list[str], skipped: dict[str, str]) -> None:
-        """After the levers: write the entry on a miss; report the cache either way."""
-        from serve_app.model.optimize import int8_cache
-
-        if "int8_unet" not in applied:
-            return
-        if self.entry is not None and self.sink is not None:
-            self.skipped = int8_cache.write_entry(self.entry, self.sink)
-            self.sink = None  # its tensors are on disk now: free them
-        if self.skipped is not None:
-            skipped["int8_cache"] = self.skipped
-            logger.warning("int8 cache not used: %s", self.skipped)
-        else:
-            applied.append("int8_cache")
-
-    def describe(self) -> dict[str, Any]:
-        return {"entry": None if self.entry is None else str(self.entry),
-                "hit": self.unet is not None}
 
 
 def _fallback_warning(exc: Exception) -> str:
@@ -144,8 +90,11 @@ def load_generator(config: AppConfig) -> DiffusersGenerator:
     # The tiny VAE replaces the full one before it is loaded: no 160 M-parameter VAE in memory.
     parts: dict[str, Any] = {"vae": _load_tiny(model_cfg, dtype)} if tiny_vae else {}
     int8_unet, int8_reason = model_cfg.resolve_torch_int8(cpu_class)
-    int8_cache = _Int8Cache.open(model_cfg, model_dir, dtype_name) \
-        if int8_unet and device == "cpu" and backend.name == "torch" else None
+    int8_cache = None
+    if int8_unet and device == "cpu" and backend.name == "torch":
+        from serve_app.model.optimize.int8_cache import Int8CacheUse
+
+        int8_cache = Int8CacheUse.open(model_cfg, model_dir, dtype_name)
     if int8_cache is not None and int8_cache.unet is not None:
         parts["unet"] = int8_cache.unet  # the cached int8 UNet: no float UNet is loaded
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype, **parts)

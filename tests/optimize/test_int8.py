@@ -270,7 +270,7 @@ def test_a_torn_int8_cache_entry_is_converted_again(tiny_model_dir, tmp_path, ca
     config = int8_config(tiny_model_dir, tmp_path, torch_int8_cache_dir=str(tmp_path / "c"))
     entry = Path(load_generator_info(config)["torch_int8_cache"]["entry"])
     (entry / TENSORS).write_bytes((entry / TENSORS).read_bytes()[:1000])
-    with caplog.at_level("WARNING", logger="serve_app.model.pipeline"):
+    with caplog.at_level("WARNING", logger="serve_app.model.optimize.int8_cache"):
         info = load_generator_info(config)
     assert f"int8 cache entry {entry} unusable" in caplog.text
     assert info["torch_int8_cache"]["hit"] is False

@@ -12,7 +12,7 @@ Why not torch's ``quantize_dynamic``: its convolution (``quantized::conv2d_dynam
 quantizes activations symmetrically around zero, which wastes half the range on the
 outputs of SiLU and GroupNorm; on the full-size UNet it drifted 0.10 (mean absolute, one
 step, random weights, output mean 0.26) where these modules drift 0.014 (BENCHMARKS.md,
-"torch int8"). Why 7-bit inputs (``REDUCE_RANGE``): without VNNI, x86 multiplies uint8 by
+"torch int8"). Why 7-bit inputs (``QMAX``): without VNNI, x86 multiplies uint8 by
 int8 with pairwise int16 sums that saturate at full 8-bit range (measured: 0.10 relative
 error on a normal input at 8 bits, 0.02 at 7).
 """
@@ -50,45 +50,46 @@ def int8_unusable() -> str | None:
     return None
 
 
-def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric int8 weights, one scale per output channel (dim 0)."""
-    w = weight.detach().float()
+# A layer's int8 form: its int8 weight, one float scale per output channel, its float bias.
+Int8Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def int8_parts(layer: nn.Linear | nn.Conv2d) -> Int8Parts:
+    """Symmetric int8 weights, one scale per output channel (dim 0), and the bias."""
+    w = layer.weight.detach().float()
     scales = (w.abs().amax(dim=tuple(range(1, w.dim()))) / 127.0).clamp(min=1e-12)
     shape = (-1,) + (1,) * (w.dim() - 1)
     qweight = torch.clamp(torch.round(w / scales.view(shape)), -127, 127).to(torch.int8)
-    return qweight, scales, torch.zeros(scales.shape, dtype=torch.int64)
+    bias = None if layer.bias is None else layer.bias.detach().float().clone()
+    return qweight, scales, bias
 
 
 def _quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """uint8 (0..QMAX) codes of x, its scale and zero point, from x's own range (which
     always includes 0, so zero is exact: padding and ReLU-like zeros stay zero)."""
-    lo, hi = torch.aminmax(x.detach().float())
+    xf = x.detach().float()  # the same tensor when x is float32: no copy
+    lo, hi = torch.aminmax(xf)
     lo_f, hi_f = min(float(lo), 0.0), max(float(hi), 0.0)
     scale = (hi_f - lo_f) / QMAX or 1.0
     zero_point = min(QMAX, max(0, round(-lo_f / scale)))
-    codes = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8).int_repr()
+    codes = torch.quantize_per_tensor(xf, scale, zero_point, torch.quint8).int_repr()
     return codes, scale, zero_point
 
 
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and per-call int8 inputs (inference only, CPU).
 
-    `linear` gives the shape (its weights may be on the meta device when `qweight`, its
-    int8 weight, and `scales` come from the int8 cache); without them its float weight
-    is quantized. The int8 tensors are plain attributes, out of state_dict."""
+    `linear` gives the shape; `parts` its int8 form (int8_parts, or read from the int8
+    cache, when `linear` may be on the meta device). The tensors are plain attributes, out
+    of state_dict."""
 
-    def __init__(self, linear: nn.Linear, qweight: torch.Tensor | None = None,
-                 scales: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, linear: nn.Linear, parts: Int8Parts | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        if qweight is None or scales is None:
-            qweight, scales, _ = _per_channel(linear.weight)
-            bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        self.qweight_shape = tuple(qweight.shape)
-        self.w_scales, self.w_zero_points = scales, torch.zeros(scales.shape, dtype=torch.int64)
+        qweight, self.w_scales, self.bias = parts or int8_parts(linear)
+        self.w_zero_points = torch.zeros(self.w_scales.shape, dtype=torch.int64)
         # oneDNN's prepacked int8 weight: an opaque tensor.
         self.packed_weight = torch.ops.onednn.qlinear_prepack(qweight, None)
-        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero_point = _quantize_input(x)
@@ -104,21 +105,16 @@ class Int8Linear(nn.Module):
 class Int8Conv2d(nn.Module):
     """nn.Conv2d (zero padding) with int8 weights and per-call int8 inputs."""
 
-    def __init__(self, conv: nn.Conv2d, qweight: torch.Tensor | None = None,
-                 scales: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, conv: nn.Conv2d, parts: Int8Parts | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.geometry: tuple[list[int], list[int], list[int], int] = (
             list(conv.stride), list(conv.padding),  # type: ignore[arg-type]
             list(conv.dilation), conv.groups)
-        if qweight is None or scales is None:
-            qweight, scales, _ = _per_channel(conv.weight)
-            bias = None if conv.bias is None else conv.bias.detach().float().clone()
-        self.qweight_shape = tuple(qweight.shape)
-        self.w_scales, self.w_zero_points = scales, torch.zeros(scales.shape, dtype=torch.int64)
-        self.packed_weight = torch.ops.onednn.qconv_prepack(qweight, scales, 1.0, 0,
+        qweight, self.w_scales, self.bias = parts or int8_parts(conv)
+        self.w_zero_points = torch.zeros(self.w_scales.shape, dtype=torch.int64)
+        self.packed_weight = torch.ops.onednn.qconv_prepack(qweight, self.w_scales, 1.0, 0,
                                                             *self.geometry, None)
-        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero_point = _quantize_input(x)
@@ -138,18 +134,16 @@ def _convertible(module: nn.Module) -> bool:
             and not isinstance(module.padding, str))
 
 
-Int8Layer = Int8Linear | Int8Conv2d
-
-
 def _targets(root: Any, keep_float: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in root.named_modules()
             if name and name not in keep_float and _convertible(module)]
 
 
-def _replace(root: Any, name: str, replacement: nn.Module) -> None:
+def _replace(root: Any, name: str, module: nn.Module, parts: Int8Parts | None) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, replacement)
+    kind = Int8Linear if isinstance(module, nn.Linear) else Int8Conv2d
+    setattr(parent, attr, kind(module, parts))  # type: ignore[arg-type]
 
 
 def quantize_int8(root: Any, keep_float: tuple[str, ...] = KEEP_FLOAT,
@@ -160,11 +154,8 @@ def quantize_int8(root: Any, keep_float: tuple[str, ...] = KEEP_FLOAT,
     Returns how many were replaced."""
     targets = _targets(root, keep_float)
     for name, module in targets:
-        float_bias: Any = getattr(module, "bias", None)
-        qweight, scales, _ = _per_channel(module.weight)  # type: ignore[arg-type]
-        bias = None if float_bias is None else float_bias.detach().float().clone()
-        kind = Int8Linear if isinstance(module, nn.Linear) else Int8Conv2d
-        _replace(root, name, kind(module, qweight, scales, bias))  # type: ignore[arg-type]
+        qweight, scales, bias = parts = int8_parts(module)  # type: ignore[arg-type]
+        _replace(root, name, module, parts)
         if sink is not None:
             sink.update({f"{name}.qweight": qweight, f"{name}.scales": scales,
                          **({} if bias is None else {f"{name}.bias": bias})})
@@ -182,9 +173,8 @@ def load_int8(root: Any, tensors: dict[str, torch.Tensor],
         raise ValueError(f"int8 tensors for {len(names)} layers, the model has "
                          f"{len(targets)} to convert")
     for name, module in targets:
-        kind = Int8Linear if isinstance(module, nn.Linear) else Int8Conv2d
-        _replace(root, name, kind(module, tensors[f"{name}.qweight"],  # type: ignore[arg-type]
-                                  tensors[f"{name}.scales"], tensors.get(f"{name}.bias")))
+        _replace(root, name, module, (tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
+                                      tensors.get(f"{name}.bias")))
     return len(targets)
 
 

@@ -20,14 +20,17 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from serve_app.model.openvino.cache import model_fingerprint, not_writable_reason
-from serve_app.model.optimize.int8 import KEEP_FLOAT, QMAX, load_int8
+from serve_app.model.openvino.cache import (
+    model_fingerprint,
+    not_writable_reason,
+    package_version,
+)
+from serve_app.model.optimize.int8 import KEEP_FLOAT, QMAX, int8_unusable, load_int8
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +60,12 @@ def cache_root(model_dir: str | Path, configured: str | None) -> Path | None:
     return Path(model_dir) / DEFAULT_SUBDIR
 
 
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def entry_for(root: Path, model_dir: str | Path, *, dtype: str, fuse_attention: bool) -> Path:
     material = {
         "format": FORMAT,
         "model": model_fingerprint(model_dir),
-        "versions": {"torch": torch.__version__, "diffusers": _version("diffusers"),
-                     "sdxl-turbo-serve": _version("sdxl-turbo-serve")},
+        "versions": {"torch": torch.__version__, "diffusers": package_version("diffusers"),
+                     "sdxl-turbo-serve": package_version("sdxl-turbo-serve")},
         "options": {"dtype": dtype, "fuse_attention": fuse_attention,
                     "keep_float": list(KEEP_FLOAT), "qmax": QMAX},
     }
@@ -93,10 +89,9 @@ def write_entry(entry: Path, tensors: Int8Tensors) -> str | None:
         return f"{entry.parent} is not writable ({reason})"
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
-        # A bias or scale may share storage with a kept tensor: save_file wants each alone.
-        flat = {**{f"int8.{k}": v.contiguous().clone() for k, v in tensors.int8.items()},
-                **{f"float.{k}": v.detach().contiguous().clone()
-                   for k, v in tensors.floats.items()}}
+        # Written as they are: a copy of 2.5 GB would raise the first start's peak.
+        flat = {**{f"int8.{k}": v.contiguous() for k, v in tensors.int8.items()},
+                **{f"float.{k}": v.detach().contiguous() for k, v in tensors.floats.items()}}
         save_file(flat, str(staging / TENSORS))
         (staging / MARKER).write_text(json.dumps({"format": FORMAT, "layers": len(
             {k.rsplit(".", 1)[0] for k in tensors.int8})}))
@@ -140,3 +135,49 @@ def load_unet(model_dir: str | Path, entry: Path, *, fuse_qkv: bool) -> Any:
     if on_meta:
         raise ValueError(f"int8 cache entry {entry.name} leaves {on_meta[:3]} unset")
     return unet.eval().requires_grad_(False)
+
+
+@dataclass
+class Int8CacheUse:
+    """A replica's use of the cache (pipeline.load_generator): the UNet read from it (a
+    hit), or what to write there after the conversion (a miss), or why it is not used."""
+
+    entry: Path | None
+    unet: Any = None
+    sink: Any = None
+    skipped: str | None = None
+
+    @classmethod
+    def open(cls, model_cfg: Any, model_dir: str | Path,
+             dtype_name: str) -> Int8CacheUse | None:
+        if model_cfg.loras:  # adapters are fused into the weights: not what the key covers
+            return cls(None, skipped="not with LoRA adapters (fused into the weights)")
+        root = cache_root(model_dir, model_cfg.torch_int8_cache_dir)
+        if root is None or int8_unusable() is not None:
+            return None  # turned off; or no int8 layers at all (reported as skipped)
+        fuse_qkv = model_cfg.optimization.fuse_attention
+        entry = entry_for(root, model_dir, dtype=dtype_name, fuse_attention=fuse_qkv)
+        if is_complete(entry):
+            try:
+                return cls(entry, unet=load_unet(model_dir, entry, fuse_qkv=fuse_qkv))
+            except Exception as exc:  # a torn or foreign file: the float weights still work
+                logger.warning("int8 cache entry %s unusable (%s); converting again",
+                               entry, exc)
+        return cls(entry, sink=Int8Tensors())
+
+    def finish(self, applied: list[str], skipped: dict[str, str]) -> None:
+        """After the levers: write the entry on a miss; report the cache either way."""
+        if "int8_unet" not in applied:
+            return
+        if self.entry is not None and self.sink is not None:
+            self.skipped = write_entry(self.entry, self.sink)
+            self.sink = None  # its tensors are on disk now: free them
+        if self.skipped is not None:
+            skipped["int8_cache"] = self.skipped
+            logger.warning("int8 cache not used: %s", self.skipped)
+        else:
+            applied.append("int8_cache")
+
+    def describe(self) -> dict[str, Any]:
+        return {"entry": None if self.entry is None else str(self.entry),
+                "hit": self.unet is not None}
